@@ -1,0 +1,296 @@
+"""The diffusion math of Imagen, as pure functions of arrays.
+
+Saharia et al. 2022, "Photorealistic Text-to-Image Diffusion Models with Deep Language
+Understanding" (arXiv 2205.11487):
+  App. A   continuous-time Gaussian diffusion, epsilon-prediction, DDIM and ancestral samplers
+  §2.2     classifier-free guidance            -> guide
+  §2.3     static and dynamic thresholding     -> static_threshold, dynamic_threshold
+  §2.4     noise conditioning augmentation     -> noise_augment
+  §4.1     10% text dropout during training    -> diffusion_loss
+  App. F   noise schedules of the three stages -> cosine_log_snr, linear_log_snr
+
+Nothing here knows about Flax: the network is passed in as a callable
+    eps_fn(z_t, log_snr, text_emb, text_mask, lowres, aug_log_snr) -> eps_hat
+with images (B, H, W, C), log_snr (B,), text_emb (B, L, D), text_mask (B, L) bool.
+Written in the style of VDM / k-diffusion: the paper's symbols are the variable names.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# paper: not specified; log-SNR is clipped to [-20, 20] so that t = 0 and t = 1 stay finite
+# (VDM and diffusers' continuous schedules use the same range). At +-20, sigma or alpha is
+# sqrt(sigmoid(-20)) = 4.5e-5: indistinguishable from the exact end points in float32.
+LOG_SNR_MIN, LOG_SNR_MAX = -20.0, 20.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise schedules (App. F)
+# ---------------------------------------------------------------------------------------------
+
+def cosine_log_snr(t, s=0.008):
+    """log-SNR lambda_t of the cosine schedule (Nichol & Dhariwal 2021, eq. 17), t in [0, 1].
+
+    Used by the base 64x64 model and the 64->256 model (Saharia et al. 2022, App. F.1, F.2).
+    alpha_bar(t) = f(t) / f(0) with f(t) = cos^2(a(t)), a(t) = (t + s) / (1 + s) * pi / 2, and
+    lambda_t = log(alpha_bar / (1 - alpha_bar)). With a0 = a(0) and the identity
+    cos^2 a0 - cos^2 a = sin(a - a0) sin(a + a0) this is
+        lambda_t = 2 log cos a - log sin(a - a0) - log sin(a + a0),
+    which is accurate near both ends. It is +inf at t = 0 and -inf at t = 1, so the result is
+    clipped to [LOG_SNR_MIN, LOG_SNR_MAX]. (Nichol & Dhariwal clip the discrete beta_t at
+    0.999 instead, which has no continuous-time counterpart.)
+    """
+    t = jnp.asarray(t, jnp.float32)
+    a0 = s / (1 + s) * math.pi / 2
+    a = (t + s) / (1 + s) * math.pi / 2
+    # cos(a) at t = 1 is -4e-8 in float32, not 0: floor it so that the log is -inf-ish, not NaN
+    log_snr = 2 * jnp.log(jnp.maximum(jnp.cos(a), 1e-30)) - jnp.log(jnp.sin(a - a0)) - jnp.log(jnp.sin(a + a0))
+    return jnp.clip(log_snr, LOG_SNR_MIN, LOG_SNR_MAX)
+
+
+_GAUSS_LEGENDRE_5 = np.polynomial.legendre.leggauss(5)  # (nodes, weights) on [-1, 1]
+
+
+def linear_log_snr(t, beta_start=1e-4, beta_end=0.02, num_steps=1000):
+    """Continuous-time log-SNR of "the 1000 step linear noise schedule with start and end 1e-4
+    and 0.02" (Saharia et al. 2022, App. F.3, the 256->1024 model; Ho et al. 2020).
+
+    Derivation. The discrete schedule has beta_i = beta_start + (beta_end - beta_start) i / T
+    for i = 0..T-1 (T = 1000) and alpha_bar_n = prod_{i<n} (1 - beta_i), so
+        log alpha_bar_n = sum_{i<n} log(1 - beta_i).
+    Reading the sum as a Riemann sum with step 1/T over u = i / T in [0, 1], with
+    beta(u) = beta_start + (beta_end - beta_start) u, gives in continuous time
+        log alpha_bar(t) = T * int_0^t log(1 - beta(u)) du,
+    which we integrate with 5-point Gauss-Legendre quadrature (exact to float32 precision for
+    this smooth integrand; the closed form v log v - v loses all precision to cancellation in
+    float32 near t = 0). No log(1 - beta) ~ -beta approximation is made. Then
+        lambda_t = log alpha_bar - log(1 - alpha_bar) = L - log(-expm1(L)),  L = log alpha_bar.
+    At t = n / T this matches the discrete schedule (lambda_n of prod_{i<n}) to within 0.1 in
+    log-SNR for n >= 1, and lambda = -10.12 at
+    t = 1 in both; at t = 0 it is +inf and is clipped to LOG_SNR_MAX like the cosine schedule.
+    """
+    t = jnp.asarray(t, jnp.float32)
+    x, wq = _GAUSS_LEGENDRE_5  # nodes and weights on [-1, 1]
+    u = t[..., None] * (x + 1) / 2  # nodes mapped to [0, t]
+    beta = beta_start + (beta_end - beta_start) * u
+    L = num_steps * t * jnp.sum(wq / 2 * jnp.log1p(-beta), axis=-1)  # log alpha_bar(t) <= 0
+    L = jnp.minimum(L, -1e-30)  # L = 0 exactly at t = 0; keep log(-expm1(L)) finite (-> clip)
+    log_snr = L - jnp.log(-jnp.expm1(L))
+    return jnp.clip(log_snr, LOG_SNR_MIN, LOG_SNR_MAX)
+
+# The schedules by the name that stage configs use (App. F: base and 64->256 cosine,
+# 256->1024 linear).
+SCHEDULES = {"cosine": cosine_log_snr, "linear": linear_log_snr}
+
+
+def alpha_sigma(log_snr):
+    """(alpha_t, sigma_t) of the variance-preserving process (App. A):
+    alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda), so alpha^2 + sigma^2 = 1 and
+    lambda = log(alpha^2 / sigma^2)."""
+    return jnp.sqrt(jax.nn.sigmoid(log_snr)), jnp.sqrt(jax.nn.sigmoid(-log_snr))
+
+
+def _bcast(v, x):
+    """(B,) -> (B, 1, 1, 1) so that per-example scalars broadcast over an image batch."""
+    return jnp.reshape(v, v.shape + (1,) * (x.ndim - v.ndim))
+
+
+def q_sample(x0, log_snr, noise):
+    """z_t = alpha_t x + sigma_t eps, a draw of q(z_t | x) (App. A). log_snr: (B,)."""
+    alpha_t, sigma_t = alpha_sigma(_bcast(log_snr, x0))
+    return alpha_t * x0 + sigma_t * noise
+
+
+def predict_x0(z_t, eps_hat, log_snr):
+    """x0_hat = (z_t - sigma_t eps_hat) / alpha_t, the data prediction of an epsilon-prediction
+    network (App. A)."""
+    alpha_t, sigma_t = alpha_sigma(_bcast(log_snr, z_t))
+    return (z_t - sigma_t * eps_hat) / alpha_t
+
+
+# ---------------------------------------------------------------------------------------------
+# Guidance and thresholding (§2.2, §2.3)
+# ---------------------------------------------------------------------------------------------
+
+def guide(eps_cond, eps_uncond, w):
+    """Classifier-free guidance, §2.2: eps~ = w eps(z, c) + (1 - w) eps(z). w = 1 is no
+    guidance; the paper's "guidance weight" w is this w (not w - 1)."""
+    return w * eps_cond + (1 - w) * eps_uncond
+
+
+def static_threshold(x0_hat):
+    """Static thresholding, §2.3: clip x0_hat to [-1, 1], the range of the training data."""
+    return jnp.clip(x0_hat, -1.0, 1.0)
+
+
+def dynamic_threshold(x0_hat, p=99.5):
+    """Dynamic thresholding, §2.3: s = the p-th percentile of |x0_hat| per sample; if s > 1,
+    clip x0_hat to [-s, s] and divide by s. p = 99.5 is from the caption of Fig. A.10.
+
+    p is a percent. Passing the fraction 0.995 would take the 0.995th percentile, s ~ 0,
+    max(s, 1) = 1, and silently turn this into static thresholding (a known bug in a JAX port
+    and in diffusers, issue 7165), so it is refused.
+    """
+    if not 1.0 < p <= 100.0:
+        raise ValueError(f"dynamic_threshold: p={p} must be a percent in (1, 100], e.g. 99.5")
+    axes = tuple(range(1, x0_hat.ndim))
+    s = jnp.percentile(jnp.abs(x0_hat).astype(jnp.float32), p, axis=axes, keepdims=True)
+    s = jnp.maximum(s, 1.0)
+    return jnp.clip(x0_hat, -s, s) / s
+
+
+THRESHOLDS = {"none": lambda x: x, "static": static_threshold, "dynamic": dynamic_threshold}
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers (App. A)
+# ---------------------------------------------------------------------------------------------
+
+def ddim_step(z_t, x0_hat, log_snr_t, log_snr_s):
+    """DDIM update from t to s < t (App. A; Song et al. 2021):
+    z_s = alpha_s x0_hat + (sigma_s / sigma_t)(z_t - alpha_t x0_hat). log_snr_*: (B,)."""
+    alpha_t, sigma_t = alpha_sigma(_bcast(log_snr_t, z_t))
+    alpha_s, sigma_s = alpha_sigma(_bcast(log_snr_s, z_t))
+    return alpha_s * x0_hat + (sigma_s / sigma_t) * (z_t - alpha_t * x0_hat)
+
+
+def ancestral_step(z_t, x0_hat, log_snr_t, log_snr_s, noise, gamma):
+    """Ancestral (DDPM) update from t to s < t, App. A:
+        z_s = mu + sqrt((sigma~^2_{s|t})^(1 - gamma) (sigma^2_{t|s})^gamma) eps,
+        mu  = e^(lambda_t - lambda_s) (alpha_s / alpha_t) z_t + (1 - e^(lambda_t - lambda_s)) alpha_s x0_hat,
+        sigma~^2_{s|t} = (1 - e^(lambda_t - lambda_s)) sigma_s^2,
+        sigma^2_{t|s}  = (1 - e^(lambda_t - lambda_s)) sigma_t^2.
+    gamma interpolates between the posterior variance (0) and the forward variance (1)."""
+    lt, ls = _bcast(log_snr_t, z_t), _bcast(log_snr_s, z_t)
+    alpha_t, sigma_t = alpha_sigma(lt)
+    alpha_s, sigma_s = alpha_sigma(ls)
+    r = jnp.exp(lt - ls)  # e^(lambda_t - lambda_s) < 1 since lambda decreases in t
+    mu = r * (alpha_s / alpha_t) * z_t + (1 - r) * alpha_s * x0_hat
+    # (1 - r)^(1-g) sigma_s^(2(1-g)) * (1 - r)^g sigma_t^(2g) = (1 - r) sigma_s^(2(1-g)) sigma_t^(2g)
+    var = (1 - r) * sigma_s ** (2 * (1 - gamma)) * sigma_t ** (2 * gamma)
+    return mu + jnp.sqrt(var) * noise
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise conditioning augmentation (§2.4)
+# ---------------------------------------------------------------------------------------------
+
+def noise_augment(lowres, aug_level, noise, log_snr_fn):
+    """Noise conditioning augmentation, §2.4: corrupt the low-resolution conditioning image with
+    the stage's own forward process at time aug_level in [0, 1], and return the corrupted image
+    and its log-SNR, which the super-resolution network is conditioned on.
+
+    paper: not specified how aug_level maps to a noise level ("Gaussian noise augmentation ...
+    resembling the forward process"); we use the stage's schedule at t = aug_level, so
+    aug_level = 0 is no noise and aug_level = 1 is pure noise. aug_level: (B,).
+    """
+    aug_log_snr = log_snr_fn(aug_level)
+    return q_sample(lowres, aug_log_snr, noise), aug_log_snr
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loss (App. A, §4.1)
+# ---------------------------------------------------------------------------------------------
+
+def drop_text(text_emb, text_mask, drop):
+    """The null condition of classifier-free guidance for the examples where drop (B,) is True.
+
+    §4.1: the text embeddings are zeroed. paper: not specified what happens to the mask; we also
+    clear it (no text tokens at all), so that the unconditional model does not see the prompt's
+    length, and sampling's unconditional pass is the same (zeros, all-False mask)."""
+    keep = ~drop
+    return text_emb * keep[:, None, None].astype(text_emb.dtype), text_mask & keep[:, None]
+
+
+def diffusion_loss(eps_fn, x0, text_emb, text_mask, key, log_snr_fn, p_uncond=0.1, lowres=None):
+    """Imagen's training loss: plain MSE on epsilon (App. A), t ~ U(0, 1) in continuous time
+    (App. F), text dropped with probability p_uncond = 10% (§4.1). For super-resolution stages
+    (lowres given, already resized to x0's size) the conditioning image is noise-augmented at
+    aug_level ~ U(0, 1) per example (§2.4).
+
+    paper: not specified how aug_level is drawn in training ("chosen randomly"); we use U(0, 1).
+    Returns the mean loss over the batch (a scalar, float32).
+    """
+    B = x0.shape[0]
+    k_t, k_eps, k_drop, k_aug, k_aug_eps = jax.random.split(key, 5)
+    t = jax.random.uniform(k_t, (B,))
+    log_snr = log_snr_fn(t)
+    eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+    z_t = q_sample(x0, log_snr, eps)
+    text_emb, text_mask = drop_text(text_emb, text_mask, jax.random.bernoulli(k_drop, p_uncond, (B,)))
+    aug_log_snr = None
+    if lowres is not None:
+        aug_level = jax.random.uniform(k_aug, (B,))
+        lowres, aug_log_snr = noise_augment(
+            lowres, aug_level, jax.random.normal(k_aug_eps, lowres.shape, lowres.dtype), log_snr_fn)
+    eps_hat = eps_fn(z_t, log_snr, text_emb, text_mask, lowres, aug_log_snr)
+    return jnp.mean(jnp.square(eps_hat.astype(jnp.float32) - eps))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling loop (App. A, §2.2-2.4), compiled as a whole
+# ---------------------------------------------------------------------------------------------
+
+def sample(eps_fn, key, shape, text_emb, text_mask, log_snr_fn, steps, w=1.0, sampler="ddpm",
+           gamma=0.0, threshold="dynamic", p=99.5, lowres=None, aug_level=0.0):
+    """Draw x ~ p(x | c) with `steps` uniformly spaced times from t = 1 to t = 0 (App. A).
+
+    Every step: one network call (with guidance, the conditional and unconditional passes are
+    batched into a single call of 2B examples; with w = 1 exactly there is only the
+    conditional pass), eps~ = guide(...) (§2.2), x0_hat from eps~, thresholding of x0_hat
+    (§2.3), then a DDIM or ancestral step (App. A). The loop is a lax.fori_loop: under jax.jit
+    there is no host round trip per step. Returns the last x0_hat, (B, H, W, C) float32.
+
+    For super-resolution stages, lowres (B, H, W, C) is the previous stage's output resized to
+    this stage's size; it is noise-augmented once at the fixed aug_level (§2.4) and the same
+    corrupted image conditions every step.
+
+    paper: not specified: the step counts and gamma; ancestral sampling with gamma = 0 (the
+    posterior variance of DDPM) is our default.
+    """
+    B = shape[0]
+    thresh = (lambda x: dynamic_threshold(x, p)) if threshold == "dynamic" else THRESHOLDS[threshold]
+    k_init, k_aug, k_loop = jax.random.split(key, 3)
+    aug_log_snr = None
+    if lowres is not None:
+        lowres, aug_log_snr = noise_augment(
+            lowres, jnp.full((B,), aug_level, jnp.float32),
+            jax.random.normal(k_aug, lowres.shape, jnp.float32), log_snr_fn)
+
+    guided = not (isinstance(w, (int, float)) and w == 1.0)
+    if guided:  # one network call on [cond; uncond]
+        null_emb, null_mask = drop_text(text_emb, text_mask, jnp.ones((B,), bool))
+        emb2 = jnp.concatenate([text_emb, null_emb])
+        mask2 = jnp.concatenate([text_mask, null_mask])
+        dup = lambda a: None if a is None else jnp.concatenate([a, a])
+        lowres2, aug2 = dup(lowres), dup(aug_log_snr)
+
+    def eps_tilde(z_t, log_snr):
+        if not guided:
+            return eps_fn(z_t, log_snr, text_emb, text_mask, lowres, aug_log_snr).astype(jnp.float32)
+        eps = eps_fn(jnp.concatenate([z_t, z_t]), jnp.concatenate([log_snr, log_snr]),
+                     emb2, mask2, lowres2, aug2).astype(jnp.float32)
+        return guide(eps[:B], eps[B:], w)
+
+    def body(i, carry):
+        z_t, _ = carry
+        t = 1.0 - i / steps
+        s = 1.0 - (i + 1) / steps
+        log_snr_t = jnp.full((B,), log_snr_fn(t))
+        log_snr_s = jnp.full((B,), log_snr_fn(s))
+        x0_hat = thresh(predict_x0(z_t, eps_tilde(z_t, log_snr_t), log_snr_t))
+        if sampler == "ddim":
+            z_s = ddim_step(z_t, x0_hat, log_snr_t, log_snr_s)
+        elif sampler == "ddpm":
+            noise = jax.random.normal(jax.random.fold_in(k_loop, i), shape, jnp.float32)
+            z_s = ancestral_step(z_t, x0_hat, log_snr_t, log_snr_s, noise, gamma)
+        else:
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        return z_s, x0_hat
+
+    z_1 = jax.random.normal(k_init, shape, jnp.float32)  # z_1 ~ N(0, I)
+    _, x0_hat = jax.lax.fori_loop(0, steps, body, (z_1, jnp.zeros(shape, jnp.float32)))
+    return x0_hat
