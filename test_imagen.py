@@ -4,6 +4,7 @@ Run with `pytest -q test_imagen.py`. Multi-device tests emulate 8 CPU devices th
 XLA_FLAGS=--xla_force_host_platform_device_count=8, set below before JAX is imported.
 """
 
+import json
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -183,3 +184,149 @@ def test_loss_drops_text_and_augments_lowres():
     assert np.all(np.asarray(seen["emb"])[dropped] == 0) and np.all(np.asarray(seen["emb"])[~dropped] == 1)
     assert seen["aug"].shape == (B,) and float(jnp.std(seen["aug"])) > 1.0  # a random level
     assert not np.allclose(seen["lowres"], lowres)  # the conditioning image was corrupted
+
+
+# =============================================================================================
+# t5_encoder.py
+# =============================================================================================
+
+import t5_encoder as T5  # noqa: E402
+
+PROMPTS = ["a red circle", "", "two blue squares on the left of a yellow triangle", "Ünïcode ✓"]
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory):
+    """A small random T5 v1.1 encoder saved by transformers (safetensors) with a ByT5 tokenizer:
+    the same files as google/t5-v1_1-*, written by the test, no network."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=384, d_model=64, d_kv=16, d_ff=96, num_layers=3,
+                                num_heads=4, feed_forward_proj="gated-gelu",
+                                tie_word_embeddings=False, relative_attention_num_buckets=32,
+                                relative_attention_max_distance=128)
+    model = transformers.T5EncoderModel(cfg).eval()
+    with torch.no_grad():  # random layer-norm scales, so a mistake in the mapping shows
+        for n, p in model.named_parameters():
+            if "layer_norm" in n:
+                p.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("t5") / "tiny-t5-v1_1"
+    model.save_pretrained(path, safe_serialization=True)
+    transformers.ByT5Tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_t5_parity_with_transformers_pytorch(tiny_t5_dir):
+    import torch
+    import transformers
+
+    enc, tok = T5.load_t5(tiny_t5_dir, dtype=jnp.float32)
+    emb, mask = T5.encode(enc, tok, PROMPTS, max_length=64)
+    assert emb.shape == (4, 64, 64) and emb.dtype == jnp.float32 and mask.dtype == bool
+    ref_model = transformers.T5EncoderModel.from_pretrained(tiny_t5_dir).eval()
+    batch = tok(PROMPTS, padding="max_length", max_length=64, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = ref_model(**batch).last_hidden_state.numpy()
+    np.testing.assert_array_equal(mask, batch["attention_mask"].numpy().astype(bool))
+    assert mask.sum(1).tolist() == [13, 1, 50, 14]  # bytes + EOS: different lengths, padding
+    err = np.abs(np.asarray(emb) - ref)[mask]
+    assert err.max() <= 1e-4, err.max()
+    assert np.all(np.asarray(emb)[~mask] == 0)  # padded positions zeroed
+
+
+def test_t5_sharded_checkpoint_and_bf16(tiny_t5_dir, tmp_path):
+    import shutil
+
+    import transformers
+
+    shard_dir = tmp_path / "sharded"
+    transformers.T5EncoderModel.from_pretrained(tiny_t5_dir).save_pretrained(
+        shard_dir, max_shard_size="50KB", safe_serialization=True)
+    for f in os.listdir(tiny_t5_dir):
+        if "token" in f or f.endswith("special_tokens_map.json"):
+            shutil.copy(os.path.join(tiny_t5_dir, f), shard_dir)
+    assert (shard_dir / "model.safetensors.index.json").exists()
+    enc, tok = T5.load_t5(str(shard_dir), dtype=jnp.float32)
+    ref_enc, _ = T5.load_t5(tiny_t5_dir, dtype=jnp.float32)
+    a, _ = T5.encode(enc, tok, PROMPTS)
+    b, _ = T5.encode(ref_enc, tok, PROMPTS)
+    np.testing.assert_array_equal(a, b)
+    enc16, _ = T5.load_t5(tiny_t5_dir)  # bfloat16 by default
+    assert jax.tree.leaves(nnx_state(enc16))[0].dtype == jnp.bfloat16
+    c, _ = T5.encode(enc16, tok, PROMPTS)
+    assert float(jnp.max(jnp.abs(c - b))) < 0.1 * float(jnp.max(jnp.abs(b)))
+
+
+def nnx_state(module):
+    from flax import nnx
+    return nnx.state(module, nnx.Param)
+
+
+def test_t5_clear_errors(tiny_t5_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="hf download"):
+        T5.load_t5("google/t5-v1_1-xxl")  # not local, no download asked: no network use
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        T5.load_t5(str(broken))
+    import shutil
+    shutil.copy(os.path.join(tiny_t5_dir, "config.json"), broken)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        T5.load_t5(str(broken))
+    # a config that disagrees with the weights
+    cfg = json.load(open(os.path.join(tiny_t5_dir, "config.json")))
+    cfg["d_ff"] = 80
+    wrong = tmp_path / "wrong"
+    shutil.copytree(tiny_t5_dir, wrong)
+    json.dump(cfg, open(wrong / "config.json", "w"))
+    with pytest.raises(ValueError, match="shape"):
+        T5.load_t5(str(wrong))
+
+
+def test_t5_encode_inputs_and_truncation_warning(tiny_t5_dir):
+    enc, tok = T5.load_t5(tiny_t5_dir, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="non-empty list"):
+        T5.encode(enc, tok, [])
+    with pytest.warns(UserWarning, match="1 of 2 prompts are longer than 16 tokens") as rec:
+        emb, mask = T5.encode(enc, tok, ["short", "x" * 40], max_length=16)
+    assert len(rec) == 1
+    assert mask.shape == (2, 16) and mask[1].all()
+    emb_empty, mask_empty = T5.encode(enc, tok, [""])
+    assert mask_empty.sum() == 1 and bool(jnp.all(jnp.isfinite(emb_empty)))
+
+
+def test_t5_embedding_cache_resumes(tiny_t5_dir, tmp_path, monkeypatch):
+    enc, tok = T5.load_t5(tiny_t5_dir, dtype=jnp.float32)
+    captions = [f"caption number {i}" + "!" * (i % 5) for i in range(10)]
+    out = str(tmp_path / "cache")
+    T5.cache_embeddings(enc, tok, captions, out, batch_size=4)
+    cache = T5.EmbeddingCache(out)
+    emb, mask = cache[np.arange(10)]
+    ref, ref_mask = T5.encode(enc, tok, captions)
+    np.testing.assert_array_equal(mask, ref_mask)
+    np.testing.assert_allclose(emb, ref, atol=2e-3 * float(jnp.max(jnp.abs(ref))))  # float16 storage
+    # an interrupted run: the last shard never finished
+    os.remove(os.path.join(out, "mask_000002.npy"))
+    with pytest.raises(FileNotFoundError, match="not finished"):
+        T5.EmbeddingCache(out)
+    calls = []
+    real_encode = T5.encode
+    monkeypatch.setattr(T5, "encode", lambda *a, **k: calls.append(len(a[2])) or real_encode(*a, **k))
+    T5.cache_embeddings(enc, tok, captions, out, batch_size=4)
+    assert calls == [2]  # only the unfinished shard (captions 8, 9) is encoded again
+    np.testing.assert_array_equal(T5.EmbeddingCache(out)[np.arange(10)][0], emb)
+    with pytest.raises(ValueError, match="other settings"):
+        T5.cache_embeddings(enc, tok, captions[:5], out, batch_size=4)
+
+
+def test_t5_param_counts_allocate_nothing(tiny_t5_dir):
+    import transformers
+
+    # the count agrees with transformers' own model of the same config
+    ref = transformers.T5EncoderModel.from_pretrained(tiny_t5_dir)
+    assert T5.count_t5_params(T5.config_from_hf(tiny_t5_dir)) == sum(p.numel() for p in ref.parameters())
+    # T5-XXL's encoder: the paper's "4.6B" (§2.1) is the count without the token embedding
+    xxl = T5.count_t5_params(T5.T5_PRESETS["t5-v1_1-xxl"])
+    assert abs((xxl - 32128 * 4096) / 4.6e9 - 1) < 0.01

@@ -1,0 +1,389 @@
+"""The frozen T5 text encoder of Imagen, in Flax NNX, loading Hugging Face T5 v1.1 checkpoints.
+
+Saharia et al. 2022, §2.1 and App. D.1: Imagen conditions on the contextual embeddings of a
+frozen, text-only language model, T5-XXL's encoder (4.6B parameters); the embeddings can be
+computed offline. The paper's ablation also uses T5 small / base / large / XL.
+
+The architecture is T5 v1.1 (Raffel et al. 2020; the google/t5-v1_1-* checkpoints):
+  token embedding (no scaling) -> N x [RMSNorm -> self-attention with a relative position bias
+  (bidirectional buckets, computed once from the first layer's table and shared by all layers,
+  no 1/sqrt(d) scaling of the logits) -> residual; RMSNorm -> gated-GELU feed-forward ->
+  residual] -> final RMSNorm. No biases anywhere.
+paper: not specified which T5 release; we use v1.1, the public T5-XXL encoder (see README).
+
+transformers 5 has no Flax models: this file is ours; transformers gives the tokenizer and
+the config. Weights are read with safetensors' numpy loader, one tensor at a time, straight
+into an abstract (unallocated) model, so T5-XXL never exists twice in host memory.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """T5 v1.1 encoder sizes; defaults are google/t5-v1_1-xxl's config.json."""
+    vocab_size: int = 32128
+    d_model: int = 4096  # width of the text embeddings the U-Nets attend to
+    d_kv: int = 64  # per-head width
+    d_ff: int = 10240  # gated-GELU hidden width
+    num_layers: int = 24
+    num_heads: int = 64
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+
+
+# The public google/t5-v1_1-* configs (their config.json files). §App. D.1 compares these sizes.
+T5_PRESETS = {
+    "t5-v1_1-small": T5Config(d_model=512, d_ff=1024, num_layers=8, num_heads=6),
+    "t5-v1_1-base": T5Config(d_model=768, d_ff=2048, num_layers=12, num_heads=12),
+    "t5-v1_1-large": T5Config(d_model=1024, d_ff=2816, num_layers=24, num_heads=16),
+    "t5-v1_1-xl": T5Config(d_model=2048, d_ff=5120, num_layers=24, num_heads=32),
+    "t5-v1_1-xxl": T5Config(d_model=4096, d_ff=10240, num_layers=24, num_heads=64),
+}
+
+# paper: not specified; 128 tokens (NeMo's Imagen also uses 128, imagen-pytorch 256).
+MAX_LENGTH = 128
+
+
+class RMSNorm(nnx.Module):
+    """T5's layer norm: scale only, no mean subtraction, no bias; statistics in float32."""
+
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(self.weight.dtype)
+
+
+def relative_position_bucket(relative_position, num_buckets, max_distance):
+    """Bidirectional T5 buckets (Raffel et al. 2020, §2.1; HF `_relative_position_bucket`): half
+    the buckets per direction, exact for |d| < num_buckets / 4, logarithmic up to max_distance."""
+    num_buckets //= 2
+    bucket = (relative_position > 0).astype(jnp.int32) * num_buckets
+    d = jnp.abs(relative_position)
+    max_exact = num_buckets // 2
+    log_ratio = jnp.log(jnp.maximum(d, 1).astype(jnp.float32) / max_exact) / math.log(max_distance / max_exact)
+    large = jnp.minimum(max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32), num_buckets - 1)
+    return bucket + jnp.where(d < max_exact, d, large)
+
+
+class SelfAttention(nnx.Module):
+    def __init__(self, cfg: T5Config, has_relative_bias: bool, dtype, rngs: nnx.Rngs):
+        inner = cfg.num_heads * cfg.d_kv
+        lin = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.q, self.k, self.v = lin(cfg.d_model, inner), lin(cfg.d_model, inner), lin(cfg.d_model, inner)
+        self.o = lin(inner, cfg.d_model)
+        self.cfg = cfg
+        if has_relative_bias:  # only the first layer holds the table; its bias is shared
+            self.relative_attention_bias = nnx.Embed(
+                cfg.relative_attention_num_buckets, cfg.num_heads, param_dtype=dtype, rngs=rngs)
+
+    def position_bias(self, L):
+        pos = jnp.arange(L)
+        buckets = relative_position_bucket(pos[None, :] - pos[:, None],  # key - query
+                                           self.cfg.relative_attention_num_buckets,
+                                           self.cfg.relative_attention_max_distance)
+        return self.relative_attention_bias(buckets).astype(jnp.float32).transpose(2, 0, 1)[None]  # (1, N, L, L)
+
+    def __call__(self, x_BLD, bias_BNLL):
+        B, L, _ = x_BLD.shape
+        heads = lambda y: y.reshape(B, L, self.cfg.num_heads, self.cfg.d_kv)
+        q, k, v = heads(self.q(x_BLD)), heads(self.k(x_BLD)), heads(self.v(x_BLD))
+        # T5 does not scale the logits by 1/sqrt(d_kv); softmax in float32 as in HF T5
+        logits = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) + bias_BNLL
+        attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bnqk,bknh->bqnh", attn, v).reshape(B, L, -1)
+        return self.o(out)
+
+
+class GatedGeluFF(nnx.Module):
+    """T5 v1.1 feed-forward: wo(gelu_tanh(wi_0 x) * wi_1 x)."""
+
+    def __init__(self, cfg: T5Config, dtype, rngs: nnx.Rngs):
+        lin = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.wi_0, self.wi_1, self.wo = lin(cfg.d_model, cfg.d_ff), lin(cfg.d_model, cfg.d_ff), lin(cfg.d_ff, cfg.d_model)
+
+    def __call__(self, x):
+        return self.wo(jax.nn.gelu(self.wi_0(x), approximate=True) * self.wi_1(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: T5Config, has_relative_bias: bool, dtype, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype)
+        self.attn = SelfAttention(cfg, has_relative_bias, dtype, rngs)
+        self.ff_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype)
+        self.ff = GatedGeluFF(cfg, dtype, rngs)
+
+    def __call__(self, x, bias):
+        x = x + self.attn(self.attn_norm(x), bias)
+        return x + self.ff(self.ff_norm(x))
+
+
+class T5Encoder(nnx.Module):
+    """T5 v1.1 encoder: token ids (B, L) int, mask (B, L) bool -> hidden states (B, L, D)."""
+
+    def __init__(self, cfg: T5Config, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.cfg = cfg
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, param_dtype=dtype, rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, i == 0, dtype, rngs) for i in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype)
+
+    def __call__(self, ids_BL, mask_BL):
+        x = self.embed(ids_BL)
+        L = ids_BL.shape[1]
+        # relative position bias from layer 0, shared by all layers; padded keys masked out
+        bias = self.blocks[0].attn.position_bias(L) + jnp.where(mask_BL[:, None, None, :], 0.0, -1e9)
+        for block in self.blocks:
+            x = block(x, bias)
+        return self.final_norm(x)
+
+
+def count_t5_params(cfg: T5Config) -> int:
+    """Parameters of the encoder (token embedding included), allocating nothing."""
+    abstract = nnx.eval_shape(lambda: T5Encoder(cfg, jnp.bfloat16))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading Hugging Face checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def _hf_name(path) -> tuple[str, bool]:
+    """Our parameter path -> (the Hugging Face T5EncoderModel tensor name, transpose?)."""
+    if path[0] == "embed":
+        return "shared.weight", False
+    if path[0] == "final_norm":
+        return "encoder.final_layer_norm.weight", False
+    _, i, sub, *rest = path
+    p = f"encoder.block.{i}."
+    if sub == "attn_norm":
+        return p + "layer.0.layer_norm.weight", False
+    if sub == "ff_norm":
+        return p + "layer.1.layer_norm.weight", False
+    if sub == "attn" and rest[0] == "relative_attention_bias":
+        return p + "layer.0.SelfAttention.relative_attention_bias.weight", False
+    if sub == "attn":  # torch Linear weights are (out, in); ours (in, out)
+        return p + f"layer.0.SelfAttention.{rest[0]}.weight", True
+    return p + f"layer.1.DenseReluDense.{rest[0]}.weight", True
+
+
+def _resolve_checkpoint(name_or_path: str, download: bool) -> str:
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if not download:
+        raise FileNotFoundError(
+            f"T5 checkpoint {name_or_path!r} is not a local directory. Download it once on a "
+            f"machine with network:\n  hf download {name_or_path} --include '*.json' "
+            f"'*.safetensors' 'spiece.model' --local-dir DIR\nand pass DIR, or call "
+            f"load_t5({name_or_path!r}, download=True).")
+    from huggingface_hub import snapshot_download  # comes with transformers
+    return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model"])
+
+
+def _tensor_files(ckpt: str) -> dict[str, str]:
+    """Tensor name -> safetensors file, for one file or a sharded checkpoint with its index."""
+    index = os.path.join(ckpt, "model.safetensors.index.json")
+    single = os.path.join(ckpt, "model.safetensors")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {k: os.path.join(ckpt, v) for k, v in weight_map.items()}
+    if os.path.exists(single):
+        from safetensors import safe_open
+        with safe_open(single, "np") as f:
+            return {k: single for k in f.keys()}
+    hint = (" It has pytorch_model.bin only: convert it once with transformers and torch, "
+            "T5EncoderModel.from_pretrained(DIR).save_pretrained(DIR2), and load DIR2."
+            if os.path.exists(os.path.join(ckpt, "pytorch_model.bin")) else "")
+    raise FileNotFoundError(f"{ckpt} has neither model.safetensors nor "
+                            f"model.safetensors.index.json.{hint}")
+
+
+def config_from_hf(ckpt: str) -> T5Config:
+    path = os.path.join(ckpt, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: a T5 checkpoint directory needs the "
+                                f"config.json of its Hugging Face repository.")
+    with open(path) as f:
+        hf = json.load(f)
+    if hf.get("feed_forward_proj") != "gated-gelu":  # the original T5 (v1.0) uses ReLU
+        raise ValueError(f"{path}: not a T5 v1.1 checkpoint (need feed_forward_proj "
+                         f"'gated-gelu', as in google/t5-v1_1-*).")
+    return T5Config(**{f.name: hf[f.name] for f in dataclasses.fields(T5Config)})
+
+
+def load_t5(name_or_path: str, dtype=jnp.bfloat16, download: bool = False):
+    """Load a Hugging Face T5 v1.1 checkpoint -> (T5Encoder, tokenizer).
+
+    name_or_path: a local directory with config.json, model.safetensors (or sharded
+    safetensors with model.safetensors.index.json) and the tokenizer files; or a hub name such
+    as "google/t5-v1_1-xxl", fetched only with download=True.
+    Host memory: one copy of the encoder in `dtype` plus one tensor at a time (T5-XXL: about
+    9.5 GB in bfloat16, 19 GB in float32).
+    """
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    ckpt = _resolve_checkpoint(name_or_path, download)
+    cfg = config_from_hf(ckpt)
+    files = _tensor_files(ckpt)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: T5Encoder(cfg, dtype)))
+    handles = {}
+    for path, var in nnx.to_flat_state(state):
+        name, transpose = _hf_name(path)
+        if name not in files and name == "shared.weight" and "encoder.embed_tokens.weight" in files:
+            name = "encoder.embed_tokens.weight"
+        if name not in files:
+            raise KeyError(f"{ckpt}: tensor {name!r} is missing; is this a T5 v1.1 checkpoint "
+                           f"with the config.json beside it?")
+        f = handles.get(files[name]) or handles.setdefault(files[name], safe_open(files[name], "np"))
+        arr = f.get_tensor(name)
+        arr = arr.T if transpose else arr
+        if arr.shape != var.get_value().shape:
+            raise ValueError(f"{ckpt}: tensor {name!r} has shape {arr.shape}, config.json "
+                             f"implies {var.get_value().shape}.")
+        var.set_value(jnp.asarray(arr, dtype))
+        del arr
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    return nnx.merge(graphdef, state), tokenizer
+
+
+@nnx.jit
+def _forward(encoder, ids, mask):
+    emb = encoder(ids, mask).astype(jnp.float32)
+    return jnp.where(mask[..., None], emb, 0.0)
+
+
+def encode(encoder, tokenizer, texts, max_length: int = MAX_LENGTH):
+    """Prompts -> (emb (B, L, D) float32, mask (B, L) bool), padded or cut to L = max_length.
+
+    §2.1: the encoder's last hidden states are the text embeddings. Padded positions are zero
+    (and masked). The empty string is a valid prompt (it is just the end-of-sequence token);
+    prompts longer than max_length tokens are cut, with one warning per call.
+    """
+    if isinstance(texts, str) or len(texts) == 0:
+        raise ValueError("encode() takes a non-empty list of prompts (the empty string is a "
+                         "valid prompt; an empty list is not).")
+    texts = list(texts)
+    full = tokenizer(texts)["input_ids"]
+    cut = [t for t, ids in zip(texts, full) if len(ids) > max_length]
+    if cut:
+        warnings.warn(f"{len(cut)} of {len(texts)} prompts are longer than {max_length} tokens "
+                      f"and were cut, e.g. {cut[0][:60]!r}...", stacklevel=2)
+    tok = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
+                    return_tensors="np")
+    mask = tok["attention_mask"].astype(bool)
+    return _forward(encoder, jnp.asarray(tok["input_ids"]), jnp.asarray(mask)), mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline text-embedding cache (§2.1: "embeddings can be computed offline")
+# ---------------------------------------------------------------------------------------------
+
+def _captions_digest(captions) -> str:
+    h = hashlib.sha256()
+    for c in captions:
+        h.update(c.encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
+def cache_embeddings(encoder, tokenizer, captions, out_dir, batch_size=64,
+                     max_length: int = MAX_LENGTH, encoder_name: str = ""):
+    """Encode `captions` once, in shards of batch_size, into out_dir:
+    meta.json, and per shard emb_NNNNNN.npy (n, L_shard, D) float16 (L_shard = the shard's
+    longest prompt) and mask_NNNNNN.npy (n, L_shard) bool, written atomically (mask last). A
+    re-run skips finished shards, so an interrupted run resumes where it stopped. A directory
+    made for other captions or settings is refused. Returns out_dir.
+    """
+    from tqdm import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"n": len(captions), "batch_size": batch_size, "max_length": max_length,
+            "dim": encoder.cfg.d_model, "captions_sha256": _captions_digest(captions),
+            "encoder": encoder_name}
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+        if diff:
+            raise ValueError(f"{out_dir} holds an embedding cache made with other settings "
+                             f"(old, new): {diff}. Use another directory or delete it.")
+    else:
+        with open(meta_path, "w") as f:
+            json.dump(meta, f, indent=1)
+    num_shards = -(-len(captions) // batch_size)
+    for i in tqdm(range(num_shards), desc="T5 embeddings", unit="shard"):
+        mask_path = os.path.join(out_dir, f"mask_{i:06d}.npy")
+        if os.path.exists(mask_path):
+            continue
+        emb, mask = encode(encoder, tokenizer, captions[i * batch_size:(i + 1) * batch_size], max_length)
+        L = max(int(mask.sum(axis=1).max()), 1)
+        for path, arr in ((os.path.join(out_dir, f"emb_{i:06d}.npy"), np.asarray(emb[:, :L], np.float16)),
+                          (mask_path, mask[:, :L])):
+            with open(path + ".tmp", "wb") as f:
+                np.save(f, arr)
+            os.replace(path + ".tmp", path)
+    return out_dir
+
+
+class EmbeddingCache:
+    """Reads what cache_embeddings wrote: cache[indices] -> (emb (n, L, D) float32, mask)."""
+
+    def __init__(self, out_dir):
+        meta_path = os.path.join(out_dir, "meta.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{meta_path} is missing: make the cache with "
+                                    f"t5_encoder.cache_embeddings first.")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        self.dir = out_dir
+        self._shards = {}
+        missing = [i for i in range(-(-self.meta["n"] // self.meta["batch_size"]))
+                   if not os.path.exists(os.path.join(out_dir, f"mask_{i:06d}.npy"))]
+        if missing:
+            raise FileNotFoundError(f"{out_dir}: {len(missing)} shards are not finished (first: "
+                                    f"{missing[0]}); re-run cache_embeddings to complete it.")
+
+    def __len__(self):
+        return self.meta["n"]
+
+    def _shard(self, i):
+        if i not in self._shards:
+            self._shards[i] = (np.load(os.path.join(self.dir, f"emb_{i:06d}.npy"), mmap_mode="r"),
+                               np.load(os.path.join(self.dir, f"mask_{i:06d}.npy")))
+        return self._shards[i]
+
+    def __getitem__(self, indices):
+        L, D, bs = self.meta["max_length"], self.meta["dim"], self.meta["batch_size"]
+        indices = np.atleast_1d(indices)
+        emb = np.zeros((len(indices), L, D), np.float32)
+        mask = np.zeros((len(indices), L), bool)
+        for j, idx in enumerate(indices):
+            e, m = self._shard(int(idx) // bs)
+            emb[j, :e.shape[1]], mask[j, :m.shape[1]] = e[int(idx) % bs], m[int(idx) % bs]
+        return emb, mask
+
+
+if __name__ == "__main__":
+    # Parameter counts of the public T5 v1.1 encoders (nothing is allocated).
+    for name, cfg in T5_PRESETS.items():
+        n = count_t5_params(cfg)
+        emb = cfg.vocab_size * cfg.d_model
+        print(f"{name:15s} d_model {cfg.d_model:5d}  encoder {n / 1e9:6.3f}B  "
+              f"(without the token embedding {(n - emb) / 1e9:6.3f}B)")
