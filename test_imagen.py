@@ -330,3 +330,103 @@ def test_t5_param_counts_allocate_nothing(tiny_t5_dir):
     # T5-XXL's encoder: the paper's "4.6B" (§2.1) is the count without the token embedding
     xxl = T5.count_t5_params(T5.T5_PRESETS["t5-v1_1-xxl"])
     assert abs((xxl - 32128 * 4096) / 4.6e9 - 1) < 0.01
+
+
+# =============================================================================================
+# unet.py and the stage configs of imagen.py
+# =============================================================================================
+
+import dataclasses  # noqa: E402
+
+from flax import nnx  # noqa: E402
+
+import imagen  # noqa: E402
+import unet as U  # noqa: E402
+
+TINY_BASE = U.UNetConfig(arch="unet", image_size=16, channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                         attn_resolutions=(8,), text_cross_attn_res=(8,), per_head_channels=8,
+                         text_dim=12, norm_groups=4)
+TINY_SR1 = U.UNetConfig(arch="efficient", image_size=16, lowres_cond=True, block_channels=(8, 16),
+                        block_res_blocks=(1, 2), block_self_attn=(False, True),
+                        block_cross_attn=(False, False), num_heads=2, text_dim=12, norm_groups=4,
+                        skip_combine="concat")
+TINY_SR2 = dataclasses.replace(TINY_SR1, block_self_attn=(False, False), block_cross_attn=(False, True))
+
+
+def _call(model, cfg, B=2, size=16, mask=None, key=0):
+    k = jax.random.split(jax.random.PRNGKey(key), 4)
+    z = jax.random.normal(k[0], (B, size, size, 3))
+    txt = jax.random.normal(k[1], (B, 5, cfg.text_dim))
+    mask = jnp.ones((B, 5), bool).at[:, 3:].set(False) if mask is None else mask
+    lowres = jax.random.normal(k[2], z.shape) if cfg.lowres_cond else None
+    aug = jnp.full((B,), 3.0) if cfg.lowres_cond else None
+    return _jit_call(model, z, jnp.array([-3.0, 5.0][:B]), txt, mask, lowres, aug)
+
+
+_jit_call = nnx.jit(lambda model, *args: model(*args))
+
+
+@pytest.mark.parametrize("cfg", [TINY_BASE, TINY_SR1, TINY_SR2,
+                                 dataclasses.replace(TINY_BASE, feature_pooling="mean", text_cross_attn=False),
+                                 dataclasses.replace(TINY_SR1, skip_combine="add", text_cond_dim=6)],
+                         ids=["base", "sr1", "sr2", "base-meanpool-notext", "sr1-add-textproj"])
+def test_unet_shapes_finite_and_text_matters(cfg):
+    model = U.make_unet(cfg)
+    # zero-initialised output convs make eps_hat = 0 at init; perturb so text can show up
+    params = nnx.state(model, nnx.Param)
+    noisy = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+    nnx.update(model, noisy)
+    out = _call(model, cfg)
+    assert out.shape == (2, 16, 16, 3) and out.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(out)))
+    no_text = _call(model, cfg, mask=jnp.zeros((2, 5), bool))  # all-masked text (dropped, §4.1)
+    assert bool(jnp.all(jnp.isfinite(no_text)))
+    assert not np.allclose(out, no_text)  # the text conditions the output
+
+
+def test_efficient_unet_block_order_and_resolutions(monkeypatch):
+    seen = []
+    orig_res = U.ResBlock.__call__
+    orig_conv = nnx.Conv.__call__
+    monkeypatch.setattr(U.ResBlock, "__call__", lambda self, x, emb: seen.append(("res", x.shape[1])) or orig_res(self, x, emb))
+    monkeypatch.setattr(nnx.Conv, "__call__", lambda self, x: seen.append(("conv", x.shape[1], self.strides)) or orig_conv(self, x))
+    model = U.make_unet(TINY_SR1)
+    B = 1
+    model(jnp.zeros((B, 16, 16, 3)), jnp.zeros((B,)), jnp.ones((B, 5, 12)), jnp.ones((B, 5), bool),
+          jnp.zeros((B, 16, 16, 3)), jnp.zeros((B,)))  # eager: every call is recorded
+    events = seen
+    # conv_in at 16; DBlock 0: strided conv first (16 -> 8), then its ResBlock at 8;
+    # DBlock 1: strided conv (8 -> 4), two ResBlocks at 4; UBlock 1: ResBlocks at 4, then the
+    # up-sampling conv at 8; UBlock 0: ResBlock at 8, then up to 16; conv_out at 16.
+    res_seq = [e[1] for e in events if e[0] == "res"]
+    assert res_seq == [8, 4, 4, 4, 4, 8]
+    convs = [(e[1], e[2]) for e in events if e[0] == "conv"]
+    strided = [c[0] for c in convs if c[1] in (2, (2, 2))]
+    assert strided == [16, 8]  # down-sampling happens first in each DBlock
+    assert convs[-1][0] == 16 and events[-1][0] == "conv"
+
+
+def test_count_params_matches_an_initialised_model():
+    for cfg in (TINY_BASE, TINY_SR1, TINY_SR2):
+        stage = dataclasses.replace(imagen.PRESETS["demo"]["base"], unet=cfg)
+        real = sum(x.size for x in jax.tree.leaves(nnx.state(U.make_unet(cfg), nnx.Param)))
+        assert imagen.count_params(stage) == real
+
+
+def test_unet_bf16_compute_path():
+    cfg = dataclasses.replace(TINY_BASE, dtype="bfloat16")
+    model = U.make_unet(cfg)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    out = _call(model, cfg)
+    assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_sr2_is_fully_convolutional_on_two_sizes():
+    # the 256->1024 model trains on crops and runs on the full image (§2.5, F.3): the same
+    # parameters on a 4x up-sampled 4x4 and 8x8 low-res image
+    model = U.make_unet(TINY_SR2)
+    for low in (4, 8):
+        lowres = U.resize_lowres(jnp.ones((1, low, low, 3)), 4 * low)
+        out = model(jnp.zeros((1, 4 * low, 4 * low, 3)), jnp.zeros((1,)), jnp.ones((1, 5, 12)),
+                    jnp.ones((1, 5), bool), lowres, jnp.zeros((1,)))
+        assert out.shape == (1, 4 * low, 4 * low, 3)
