@@ -205,27 +205,30 @@ def drop_text(text_emb, text_mask, drop):
     return text_emb * keep[:, None, None].astype(text_emb.dtype), text_mask & keep[:, None]
 
 
-def diffusion_loss(eps_fn, x0, text_emb, text_mask, key, log_snr_fn, p_uncond=0.1, lowres=None):
+def diffusion_loss(eps_fn, x0, text_emb, text_mask, keys, log_snr_fn, p_uncond=0.1, lowres=None):
     """Imagen's training loss: plain MSE on epsilon (App. A), t ~ U(0, 1) in continuous time
     (App. F), text dropped with probability p_uncond = 10% (§4.1). For super-resolution stages
     (lowres given, already resized to x0's size) the conditioning image is noise-augmented at
     aug_level ~ U(0, 1) per example (§2.4).
 
+    keys: one PRNG key per example, (B, 2), so that an example's noise does not depend on how
+    the batch is split over devices, hosts or micro-batches.
     paper: not specified how aug_level is drawn in training ("chosen randomly"); we use U(0, 1).
     Returns the mean loss over the batch (a scalar, float32).
     """
-    B = x0.shape[0]
-    k_t, k_eps, k_drop, k_aug, k_aug_eps = jax.random.split(key, 5)
-    t = jax.random.uniform(k_t, (B,))
+    def draw(key):  # everything random about one example
+        k_t, k_eps, k_drop, k_aug, k_aug_eps = jax.random.split(key, 5)
+        aug_eps = None if lowres is None else jax.random.normal(k_aug_eps, lowres.shape[1:])
+        return (jax.random.uniform(k_t), jax.random.normal(k_eps, x0.shape[1:]),
+                jax.random.bernoulli(k_drop, p_uncond), jax.random.uniform(k_aug), aug_eps)
+
+    t, eps, drop, aug_level, aug_eps = jax.vmap(draw)(keys)
     log_snr = log_snr_fn(t)
-    eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
     z_t = q_sample(x0, log_snr, eps)
-    text_emb, text_mask = drop_text(text_emb, text_mask, jax.random.bernoulli(k_drop, p_uncond, (B,)))
+    text_emb, text_mask = drop_text(text_emb, text_mask, drop)
     aug_log_snr = None
     if lowres is not None:
-        aug_level = jax.random.uniform(k_aug, (B,))
-        lowres, aug_log_snr = noise_augment(
-            lowres, aug_level, jax.random.normal(k_aug_eps, lowres.shape, lowres.dtype), log_snr_fn)
+        lowres, aug_log_snr = noise_augment(lowres, aug_level, aug_eps, log_snr_fn)
     eps_hat = eps_fn(z_t, log_snr, text_emb, text_mask, lowres, aug_log_snr)
     return jnp.mean(jnp.square(eps_hat.astype(jnp.float32) - eps))
 

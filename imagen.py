@@ -31,7 +31,8 @@ class StageConfig:
     schedule: str  # "cosine" (F.1, F.2) or "linear" (F.3); see diffusion.SCHEDULES
     optimizer: str  # "adafactor" (base) or "adam" (super-resolution), §4.1 / App. F
     paper_params: float  # the paper's parameter count (§2.5, App. B.1)
-    text_encoder: str = "t5-v1_1-xxl"  # §2.1
+    text_encoder: str = "t5-v1_1-xxl"  # §2.1; a checkpoint directory, or "demo-t5"
+    text_length: int = 128  # paper: not specified; 128 T5 tokens (t5_encoder.MAX_LENGTH)
     # sampling defaults: guidance 5 and aug level 0.3 give the paper's "best samples"
     # (App. D.2, Figs. A.10-A.12); step counts: paper: not specified; ours (DeepFloyd IF's 100 / 50)
     guidance: float = 5.0
@@ -75,17 +76,17 @@ PRESETS = {
         "base": StageConfig("base", "demo of App. F.1", UNetConfig(
             arch="unet", image_size=32, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
             attn_resolutions=(16, 8), text_cross_attn_res=(16, 8), per_head_channels=16, **_demo_unet),
-            32, 0, 32, "cosine", "adafactor", 0, text_encoder="demo-t5", steps=50),
+            32, 0, 32, "cosine", "adafactor", 0, text_encoder="demo-t5", text_length=64, steps=50),
         "sr1": StageConfig("sr1", "demo of App. F.2", UNetConfig(
             arch="efficient", image_size=64, lowres_cond=True, block_channels=(16, 32, 64),
             block_res_blocks=(1, 1, 2), block_self_attn=(False, False, True),
             block_cross_attn=(False, False, False), num_heads=4, skip_combine="concat", **_demo_unet),
-            64, 32, 64, "cosine", "adam", 0, text_encoder="demo-t5", steps=25),
+            64, 32, 64, "cosine", "adam", 0, text_encoder="demo-t5", text_length=64, steps=25),
         "sr2": StageConfig("sr2", "demo of App. F.3", UNetConfig(
             arch="efficient", image_size=64, lowres_cond=True, block_channels=(16, 32, 64),
             block_res_blocks=(1, 1, 2), block_self_attn=(False, False, False),
             block_cross_attn=(False, False, True), num_heads=4, skip_combine="concat", **_demo_unet),
-            128, 64, 64, "linear", "adam", 0, text_encoder="demo-t5", steps=25),
+            128, 64, 64, "linear", "adam", 0, text_encoder="demo-t5", text_length=64, steps=25),
     },
 }
 

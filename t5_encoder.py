@@ -263,6 +263,20 @@ def load_t5(name_or_path: str, dtype=jnp.bfloat16, download: bool = False):
     return nnx.merge(graphdef, state), tokenizer
 
 
+# The demo's text encoder (no weights can be downloaded here): the T5 v1.1 architecture at a
+# tiny size with random, frozen weights, and the ByT5 byte tokenizer (no vocabulary file).
+DEMO_T5 = T5Config(vocab_size=384, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+
+
+def load_text_encoder(name: str, dtype=jnp.float32):
+    """"demo-t5" -> the random tiny demo encoder + ByT5 tokenizer; anything else -> load_t5
+    (a checkpoint directory such as one holding google/t5-v1_1-xxl)."""
+    if name == "demo-t5":
+        from transformers import ByT5Tokenizer
+        return T5Encoder(DEMO_T5, dtype, nnx.Rngs(0)), ByT5Tokenizer()
+    return load_t5(name, dtype)
+
+
 @nnx.jit
 def _forward(encoder, ids, mask):
     emb = encoder(ids, mask).astype(jnp.float32)

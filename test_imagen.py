@@ -176,8 +176,8 @@ def test_loss_drops_text_and_augments_lowres():
     x0 = jnp.zeros((B, 2, 2, 1))
     emb, mask = jnp.ones((B, 3, 4)), jnp.ones((B, 3), bool)
     lowres = jnp.ones((B, 2, 2, 1))
-    loss = D.diffusion_loss(eps_fn, x0, emb, mask, jax.random.PRNGKey(0), D.cosine_log_snr,
-                            lowres=lowres)
+    keys = jax.random.split(jax.random.PRNGKey(0), B)
+    loss = D.diffusion_loss(eps_fn, x0, emb, mask, keys, D.cosine_log_snr, lowres=lowres)
     assert abs(float(loss) - 1.0) < 0.05  # E[eps^2] = 1 for a zero prediction
     dropped = np.asarray(~seen["mask"].any(axis=1))
     assert 0.07 < dropped.mean() < 0.13  # 10% text dropout, §4.1

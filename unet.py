@@ -55,7 +55,7 @@ class UNetConfig:
     # encoder_kv); > 0 = the text is projected once to this width first (NeMo's cond_dim).
     text_cond_dim: int = 0
     use_scale_shift_norm: bool = True
-    dropout: float = 0.0  # F.1-F.3: 0
+    dropout: float = 0.0  # F.1-F.3: 0 for every stage; other values are refused (not built)
     emb_mult: int = 4  # paper: not specified; time-embedding width = 4 x first channels (ADM)
     norm_groups: int = 32  # paper: not specified; GroupNorm(32) as in ADM
     dtype: str = "float32"  # compute dtype; "bfloat16" on accelerators
@@ -165,7 +165,7 @@ class TextPooling(nnx.Module):
 
 class ResBlock(nnx.Module):
     """ADM residual block (GroupNorm, SiLU, conv3x3, GroupNorm with scale-shift from the
-    conditioning embedding, SiLU, dropout, conv3x3) with an optional BigGAN-style resample
+    conditioning embedding, SiLU, conv3x3; no dropout: 0 in every stage, App. F) with an optional BigGAN-style resample
     ("down": 2x2 average pool, "up": nearest 2x) of both paths before the first conv. The last
     conv is zero-initialised (ADM). `skip_scale` = 1/sqrt(2) scales the residual sum
     (score-SDE); 1 in the base model."""
@@ -176,7 +176,6 @@ class ResBlock(nnx.Module):
         self.emb = dense(emb_dim, 2 * o if cfg.use_scale_shift_norm else o, rngs, dt)
         self.norm2, self.conv2 = GroupNorm(o, cfg.norm_groups, dt), conv(o, o, rngs, dt, zero=True)
         self.shortcut = conv(i, o, rngs, dt, k=1) if i != o else None
-        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
         self.resample, self.skip_scale, self.scale_shift = resample, skip_scale, cfg.use_scale_shift_norm
 
     def _resample(self, x):
@@ -197,7 +196,7 @@ class ResBlock(nnx.Module):
             h = self.norm2(h) * (1 + scale) + shift
         else:
             h = self.norm2(h + e)
-        h = self.conv2(self.dropout(jax.nn.silu(h)))
+        h = self.conv2(jax.nn.silu(h))
         x = self.shortcut(x) if self.shortcut is not None else x
         return (x + h) * self.skip_scale
 
@@ -439,6 +438,8 @@ class EfficientUNet(nnx.Module):
 
 def abstract_unet(cfg: UNetConfig):
     """The network of a config with ShapeDtypeStructs for parameters (nothing allocated)."""
+    if cfg.dropout:
+        raise NotImplementedError("dropout > 0: every stage of the paper uses 0 (App. F); not built")
     cls = {"unet": UNet, "efficient": EfficientUNet}[cfg.arch]
     return nnx.eval_shape(lambda: cls(cfg, nnx.Rngs(0)))
 

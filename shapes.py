@@ -1,0 +1,185 @@
+"""The demo's synthetic captioned-shapes dataset, and a deterministic detector that scores how
+well an image matches its caption (colour, count, position), like DrawBench's skills
+(Saharia et al. 2022, §4.4 / App. A of DrawBench: Colors, Counting, Positional).
+
+Images: white background, one to three non-overlapping solid shapes (circle, square,
+triangle) in a palette of six colours. Captions: lower-case English from a small grammar:
+  colour   "a red circle"
+  count    "two blue squares", "three yellow triangles"
+  position "a red circle on the left of a blue square" (also right of / above / below)
+Every example is a pure function of (seed, index): the dataset is deterministic per seed.
+"""
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+PALETTE = {  # RGB, the README has the same table
+    "red": (220, 40, 40), "green": (40, 160, 70), "blue": (40, 80, 220),
+    "yellow": (230, 200, 40), "purple": (140, 60, 170), "orange": (240, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+NUMBERS = {1: "one", 2: "two", 3: "three"}
+RELATIONS = ("on the left of", "on the right of", "above", "below")
+KINDS = ("colour", "count", "position")
+
+
+def _plural(shape, n):
+    return shape if n == 1 else shape + "s"
+
+
+def caption_of(spec) -> str:
+    """A scene spec -> its caption (the grammar of the module docstring)."""
+    if spec["kind"] == "colour":
+        (c, s), = spec["objects"]
+        return f"a {c} {s}"
+    if spec["kind"] == "count":
+        c, s = spec["objects"][0]
+        return f"{NUMBERS[len(spec['objects'])]} {c} {_plural(s, len(spec['objects']))}"
+    (c1, s1), (c2, s2) = spec["objects"]
+    return f"a {c1} {s1} {spec['relation']} a {c2} {s2}"
+
+
+def parse_caption(caption: str) -> dict:
+    """A caption of this grammar -> its scene spec (the inverse of caption_of)."""
+    words = caption.split()
+    for rel in RELATIONS:
+        if f" {rel} " in caption:
+            left, right = caption.split(f" {rel} ")
+            (_, c1, s1), (_, c2, s2) = left.split(), right.split()
+            return {"kind": "position", "objects": [(c1, s1), (c2, s2)], "relation": rel}
+    if words[0] == "a":
+        return {"kind": "colour", "objects": [(words[1], words[2])]}
+    n = {v: k for k, v in NUMBERS.items()}[words[0]]
+    return {"kind": "count", "objects": [(words[1], words[2].rstrip("s"))] * n}
+
+
+def random_spec(rng) -> dict:
+    kind = KINDS[rng.integers(len(KINDS))]
+    colours, shapes = list(PALETTE), list(SHAPES)
+    if kind == "colour":
+        return {"kind": kind, "objects": [(colours[rng.integers(6)], shapes[rng.integers(3)])]}
+    if kind == "count":
+        n = int(rng.integers(2, 4))
+        return {"kind": kind, "objects": [(colours[rng.integers(6)], shapes[rng.integers(3)])] * n}
+    c1, c2 = rng.choice(6, 2, replace=False)
+    s1, s2 = rng.integers(3), rng.integers(3)
+    return {"kind": kind, "objects": [(colours[c1], shapes[s1]), (colours[c2], shapes[s2])],
+            "relation": RELATIONS[rng.integers(4)]}
+
+
+def _boxes(spec, rng, size):
+    """Non-overlapping square boxes (x0, y0, side) that satisfy the spec's relation."""
+    side = size // 4
+    if spec["kind"] == "position":
+        # along the relation's axis the first object is in one half and the second in the
+        # other; across it they are within half a side of each other
+        rel = spec["relation"]
+        lo = rng.integers(0, size // 2 - side + 1)
+        hi = rng.integers(size // 2, size - side + 1)
+        u = rng.integers(0, size - side + 1)
+        v = int(np.clip(u + rng.integers(-side // 2, side // 2 + 1), 0, size - side))
+        a, b = (lo, hi) if rel in ("on the left of", "above") else (hi, lo)
+        if rel in ("on the left of", "on the right of"):
+            return [(a, u, side), (b, v, side)]
+        return [(u, a, side), (v, b, side)]
+    # colour and count scenes: one shape per cell of a 3x3 grid, kept 1/16 of the image apart
+    cell, gap = size // 3, size // 32
+    free = cell - side - 2 * gap
+    return [(c % 3 * cell + gap + rng.integers(0, free + 1), c // 3 * cell + gap + rng.integers(0, free + 1), side)
+            for c in rng.permutation(9)[:len(spec["objects"])]]
+
+
+def draw(spec, boxes, size) -> Image.Image:
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    for (colour, shape), (x, y, s) in zip(spec["objects"], boxes):
+        fill = PALETTE[colour]
+        if shape == "circle":
+            d.ellipse([x, y, x + s - 1, y + s - 1], fill=fill)
+        elif shape == "square":
+            d.rectangle([x, y, x + s - 1, y + s - 1], fill=fill)
+        else:
+            d.polygon([(x + s / 2, y), (x, y + s - 1), (x + s - 1, y + s - 1)], fill=fill)
+    return img
+
+
+def make_example(seed: int, index: int, size: int = 128):
+    """Example `index` of the dataset of `seed`: (PIL image, caption, spec, boxes)."""
+    rng = np.random.default_rng([seed, index])
+    spec = random_spec(rng)
+    boxes = _boxes(spec, rng, size)
+    return draw(spec, boxes, size), caption_of(spec), spec, boxes
+
+
+# ---------------------------------------------------------------------------------------------
+# The detector: pixel statistics and connected components
+# ---------------------------------------------------------------------------------------------
+
+def _components(mask):
+    """4-connected components of a boolean mask -> list of (N, 2) arrays of (y, x)."""
+    H, W = mask.shape
+    seen = np.zeros_like(mask)
+    out = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        stack, pix = [(y0, x0)], []
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            pix.append((y, x))
+            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= yy < H and 0 <= xx < W and mask[yy, xx] and not seen[yy, xx]:
+                    seen[yy, xx] = True
+                    stack.append((yy, xx))
+        out.append(np.array(pix))
+    return out
+
+
+def detect(image) -> list[dict]:
+    """Objects in an image: each pixel goes to the nearest palette colour (or background);
+    connected components of at least 1% of the image are objects, with a colour, a centroid
+    and a shape guessed from how much of its bounding box it fills (square ~1, circle ~0.79,
+    triangle ~0.5)."""
+    x = np.asarray(image.convert("RGB"), np.float32)
+    H, W, _ = x.shape
+    refs = np.array([(255, 255, 255)] + list(PALETTE.values()), np.float32)
+    label = np.argmin(((x[:, :, None, :] - refs) ** 2).sum(-1), axis=-1)  # 0 = background
+    objects = []
+    for k, name in enumerate(PALETTE, start=1):
+        for pix in _components(label == k):
+            if len(pix) < 0.01 * H * W:
+                continue
+            (y0, x0), (y1, x1) = pix.min(0), pix.max(0)
+            fill = len(pix) / ((y1 - y0 + 1) * (x1 - x0 + 1))
+            shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
+            objects.append({"colour": name, "shape": shape, "cy": pix[:, 0].mean() / H,
+                            "cx": pix[:, 1].mean() / W, "area": len(pix) / (H * W)})
+    return objects
+
+
+def score(image, caption) -> dict:
+    """Does the image show its caption? -> {"colour": bool, "count": bool | None,
+    "position": bool | None}. colour: exactly the caption's colours are present; count (count
+    captions): the number of objects of that colour equals the caption's number; position
+    (position captions): the two objects' centroids are in the named relation."""
+    spec = parse_caption(caption)
+    objs = detect(image)
+    wanted = {c for c, _ in spec["objects"]}
+    result = {"colour": {o["colour"] for o in objs} == wanted, "count": None, "position": None}
+    if spec["kind"] == "count":
+        c = spec["objects"][0][0]
+        result["count"] = sum(o["colour"] == c for o in objs) == len(spec["objects"])
+    if spec["kind"] == "position":
+        (c1, _), (c2, _) = spec["objects"]
+        a = max((o for o in objs if o["colour"] == c1), key=lambda o: o["area"], default=None)
+        b = max((o for o in objs if o["colour"] == c2), key=lambda o: o["area"], default=None)
+        if a is None or b is None:
+            result["position"] = False
+        else:
+            dx, dy = a["cx"] - b["cx"], a["cy"] - b["cy"]
+            result["position"] = bool({"on the left of": dx < 0 and abs(dx) > abs(dy) * 0.5,
+                                  "on the right of": dx > 0 and abs(dx) > abs(dy) * 0.5,
+                                  "above": dy < 0 and abs(dy) > abs(dx) * 0.5,
+                                  "below": dy > 0 and abs(dy) > abs(dx) * 0.5}[spec["relation"]])
+    return result
