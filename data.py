@@ -8,8 +8,7 @@ model trains on 64->256 random crops of the 1024 images (§2.5, App. F.3). Sourc
     read with the standard library's tarfile;
   - "shapes": the built-in synthetic captioned-shapes dataset of the demo (shapes.py).
 An unreadable or corrupt image is skipped and counted, never fatal. In a multi-host run each
-host reads only its own share: the examples h, h + P, h + 2P, ... of the stream (h =
-jax.process_index(), P = jax.process_count()).
+host reads only its own share: block h of every global batch (h = jax.process_index()).
 """
 
 import dataclasses
@@ -127,9 +126,12 @@ def preprocess(img: Image.Image, stage, rng: np.random.Generator):
     return to_array(img), lowres
 
 
-def stream_index(k: int, process_index: int, process_count: int) -> int:
-    """The k-th example of this host's share of the stream."""
-    return k * process_count + process_index
+def stream_index(k: int, batch: int, process_index: int, process_count: int) -> int:
+    """The k-th example of this host's share of the stream. The stream is cut into global
+    batches of batch x process_count examples; host h reads the h-th block of `batch` in each,
+    so P hosts together read exactly what one process holding all devices would."""
+    step, j = divmod(k, batch)
+    return (step * process_count + process_index) * batch + j
 
 
 def example_index(source: Source, n: int, seed: int) -> int:
@@ -147,7 +149,7 @@ def host_batch(source: Source, stage, batch: int, position: int, seed: int,
     captions, example indices, new position, number skipped)."""
     images, lows, captions, indices, skipped = [], [], [], [], 0
     while len(images) < batch:
-        i = example_index(source, stream_index(position, process_index, process_count), seed)
+        i = example_index(source, stream_index(position, batch, process_index, process_count), seed)
         position += 1
         img, caption = source.load(i)
         if img is None:

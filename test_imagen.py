@@ -430,3 +430,195 @@ def test_sr2_is_fully_convolutional_on_two_sizes():
         out = model(jnp.zeros((1, 4 * low, 4 * low, 3)), jnp.zeros((1,)), jnp.ones((1, 5, 12)),
                     jnp.ones((1, 5), bool), lowres, jnp.zeros((1,)))
         assert out.shape == (1, 4 * low, 4 * low, 3)
+
+
+# =============================================================================================
+# train.py, data.py, shapes.py
+# =============================================================================================
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+import data  # noqa: E402
+import shapes  # noqa: E402
+import train  # noqa: E402
+
+_T = dict(text_dim=64, text_cross_attn=True)  # the demo T5 is 64 wide
+TINY_STAGES = {
+    "base": dataclasses.replace(imagen.PRESETS["demo"]["base"], unet=dataclasses.replace(TINY_BASE, **_T),
+                                resolution=16, train_size=16, text_length=64),
+    "sr1": dataclasses.replace(imagen.PRESETS["demo"]["sr1"], unet=dataclasses.replace(TINY_SR1, **_T),
+                               resolution=16, lowres=8, train_size=16, text_length=64),
+    "sr2": dataclasses.replace(imagen.PRESETS["demo"]["sr2"], unet=dataclasses.replace(TINY_SR2, **_T),
+                               resolution=32, lowres=16, train_size=16, text_length=64),
+}
+TINY_TRAIN = dataclasses.replace(train.TRAIN_PRESETS["demo"], batch_size=8, warmup_steps=2, ema_decay=0.9)
+
+
+def _batch(stage, B=8, seed=0, position=0):
+    enc, tok = T5.load_text_encoder("demo-t5")
+    images, lowres, captions, indices, _, _ = data.host_batch(data.open_source("shapes", seed), stage, B, position, seed)
+    emb, mask = train.text_batch(captions, indices, enc, tok, None, stage.text_length)
+    b = {"image": images, "text_emb": emb, "text_mask": mask, "row": np.arange(B, dtype=np.int32)}
+    if stage.lowres:
+        b["lowres"] = lowres
+    return b
+
+
+def _step_fn(stage, mesh_devices=1, grad_accum=1, tcfg=TINY_TRAIN):
+    graphdef, state = train.init_state(stage, tcfg, 0)
+    mesh = train.make_mesh(mesh_devices)
+    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return train.compile_step(stage, tcfg, mesh, tcfg.batch_size, grad_accum, 0, stage.text_length), state, graphdef
+
+
+@pytest.mark.parametrize("name", ["base", "sr1", "sr2"])
+def test_one_real_train_step_per_stage(name):
+    stage = TINY_STAGES[name]
+    step, state, _ = _step_fn(stage)
+    b = _batch(stage)
+    assert b["image"].shape == (8, 16, 16, 3)
+    if stage.lowres:
+        assert b["lowres"].shape == (8, 8, 8, 3)  # sr2: a 16 crop of a 32 image, lowres 16 / 2
+    before = jax.tree.map(np.asarray, state["params"])
+    for _ in range(2):  # the warm-up starts at learning rate 0
+        state, loss = step(state, b)
+    assert np.isfinite(float(loss)) and int(state["step"]) == 2
+    changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, b), before, state["params"]))
+    assert any(changed)
+
+
+def test_loss_falls_when_overfitting_a_few_examples():
+    stage = TINY_STAGES["base"]
+    tcfg = dataclasses.replace(TINY_TRAIN, lr=3e-3, warmup_steps=1, decay_steps=1000)
+    step, state, graphdef = _step_fn(stage, tcfg=tcfg)
+    b = _batch(stage)
+    keys = jax.random.split(jax.random.PRNGKey(123), 64)
+    rep = lambda a: jnp.asarray(np.concatenate([a] * 8))  # 64 fixed draws over the 8 examples
+
+    def eval_loss(params):
+        return float(D.diffusion_loss(nnx.merge(graphdef, params), rep(b["image"]), rep(b["text_emb"]),
+                                      rep(b["text_mask"]), keys, D.cosine_log_snr, p_uncond=0.0))
+    first = eval_loss(state["params"])
+    for _ in range(40):
+        state, _ = step(state, b)
+    assert eval_loss(state["params"]) < 0.7 * first
+
+
+def test_8_devices_and_4_micro_batches_equal_one_device_one_batch():
+    assert jax.device_count() == 8
+    stage = TINY_STAGES["sr1"]
+    b = _batch(stage)
+    results = {}
+    for devices, accum in ((1, 1), (8, 1), (1, 4), (2, 4)):
+        step, state, _ = _step_fn(stage, devices, accum)
+        losses = []
+        for _ in range(3):
+            state, loss = step(state, b)
+            losses.append(float(loss))
+        results[(devices, accum)] = (losses, jax.tree.map(np.asarray, state["params"]))
+    ref_losses, ref_params = results[(1, 1)]
+    for key, (losses, params) in results.items():
+        np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=str(key))
+        # Adam divides by sqrt(v): a parameter whose gradient is ~1e-9 (float32 summation-order
+        # noise) still moves by ~lr, so parameters agree to a fraction of one step (lr = 1e-3)
+        jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5), params, ref_params)
+
+
+def _train(tmp, steps, stage="base", **kw):
+    kw.setdefault("log_every", 1)
+    return train.train(TINY_STAGES[stage], TINY_TRAIN, str(tmp), steps, progress=False, **kw)
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f)]
+
+
+def test_stopped_and_resumed_equals_uninterrupted(tmp_path):
+    _train(tmp_path / "a", 4)
+    _train(tmp_path / "b", 2)
+    _train(tmp_path / "b", 4)  # resumes at step 2 from the checkpoint and the data position
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert [s for s, _ in a] == [1, 2, 3, 4] and [s for s, _ in b] == [1, 2, 3, 4]
+    np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=1e-6)
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path):
+    _train(tmp_path, 1)
+    other = dataclasses.replace(TINY_STAGES["base"], unet=dataclasses.replace(TINY_STAGES["base"].unet, channels=8))
+    with pytest.raises(SystemExit, match="unet.channels: checkpoint 16, now 8"):
+        train.train(other, TINY_TRAIN, str(tmp_path), 2, progress=False)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = data.host_batch
+
+    def poisoned(source, stage, batch, position, *a):
+        out = list(real(source, stage, batch, position, *a))
+        if position >= 16:  # from the third step on
+            out[0] = out[0] * np.nan
+        return tuple(out)
+
+    monkeypatch.setattr(data, "host_batch", poisoned)
+    with pytest.raises(SystemExit, match="step 3.*last good checkpoint"):
+        _train(tmp_path, 6, save_every=2, log_every=2)
+    mngr = train.checkpoint_manager(str(tmp_path))
+    assert mngr.latest_step() == 2  # step 2 kept, nothing NaN written
+    state = train.restore(mngr, train.abstract_state(TINY_STAGES["base"], TINY_TRAIN)[1])
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+
+
+def test_folder_and_tar_data_skip_corrupt_images(tmp_path):
+    import tarfile
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        img, cap, _, _ = shapes.make_example(1, i, 40)
+        img.save(folder / f"{i:04d}.jpg") if i != 2 else (folder / "0002.jpg").write_bytes(b"not a jpeg")
+        (folder / f"{i:04d}.txt").write_text(cap)
+    with tarfile.open(tmp_path / "shard-0000.tar", "w") as tf:
+        for f in sorted(os.listdir(folder)):
+            tf.add(folder / f, arcname=f)
+    for spec in (str(folder), str(tmp_path / "shard-0000.tar")):
+        src = data.open_source(spec)
+        assert len(src) == 5
+        images, lowres, captions, indices, position, skipped = data.host_batch(src, TINY_STAGES["sr1"], 4, 0, 0)
+        assert skipped == 1 and 2 not in indices and position == 5
+        assert images.shape == (4, 16, 16, 3) and lowres.shape == (4, 8, 8, 3)
+        assert captions[0] == src.caption(int(indices[0]))
+        assert -1 <= images.min() and images.max() <= 1
+    # a host reads only its share: hosts 0 and 1 of 2 read disjoint examples
+    src = data.open_source(str(folder))
+    i0 = data.host_batch(src, TINY_STAGES["base"], 2, 0, 0, 0, 2)[3]
+    i1 = data.host_batch(src, TINY_STAGES["base"], 2, 0, 0, 1, 2)[3]
+    assert not set(i0) & set(i1)
+
+
+def test_dry_run_on_8_devices(capsys):
+    rows = train.dry_run(TINY_STAGES["base"], dataclasses.replace(TINY_TRAIN, batch_size=16), 2, 0, 64)
+    out = capsys.readouterr().out
+    assert "global batch" in out and "16 = 8 devices x 1 x 2 micro-batches" in out
+    assert "FLOPs per step" in out and "bytes per device" in out
+    assert float(rows["FLOPs per step"].split()[0]) > 0
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """jax.distributed on localhost: 2 processes x 4 CPU devices give the losses of 1 x 8."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    code = ("import sys, jax; jax.config.update('jax_cpu_collectives_implementation', 'gloo'); "
+            "jax.distributed.initialize(sys.argv[2], 2, int(sys.argv[3])); "
+            "import test_imagen as t; assert jax.device_count() == 8; t._train(sys.argv[1], 3)")
+    port = 12000 + os.getpid() % 1000
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "multi"), f"127.0.0.1:{port}", str(i)],
+                              env=env, cwd=os.path.dirname(os.path.abspath(__file__)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0].decode()[-3000:] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    _train(tmp_path / "single", 3)
+    np.testing.assert_allclose([l for _, l in _losses(tmp_path / "multi")],
+                               [l for _, l in _losses(tmp_path / "single")], rtol=1e-5)

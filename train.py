@@ -19,6 +19,7 @@ hosts or micro-batches, and a resumed run repeats an uninterrupted one.
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -76,10 +77,12 @@ def init_state(stage, tcfg, seed):
                       "step": jnp.zeros((), jnp.int32)}
 
 
-def make_mesh():
-    """All devices on one 'data' axis. Auto axis type: XLA propagates the shardings (it inserts
-    the gradient all-reduce) and the model code needs no sharding annotations."""
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+def make_mesh(n=None):
+    """The first n (default all) devices on one 'data' axis. Auto axis type: XLA propagates the
+    shardings (it inserts the gradient all-reduce); the model code needs no annotations."""
+    n = n or jax.device_count()
+    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:n])
 
 
 def make_train_step(graphdef, stage, tcfg, grad_accum: int, seed: int):
@@ -136,11 +139,22 @@ def batch_shapes(stage, batch, text_len):
     return {k: jax.ShapeDtypeStruct(*v) for k, v in shapes.items()}
 
 
-def compile_step(graphdef, state_shapes, stage, tcfg, mesh, batch, grad_accum, seed, text_len):
-    """jit with shardings: state replicated, batch split over 'data', state donated."""
+def abstract_state(stage, tcfg):
+    """(graphdef, ShapeDtypeStructs of the train state): nothing allocated."""
+    graphdef, params = nnx.split(abstract_unet(stage.unet))
+    optimizer, _ = make_optimizer(stage, tcfg)
+    return graphdef, {"params": params, "ema": params, "opt": jax.eval_shape(optimizer.init, params),
+                      "step": jax.ShapeDtypeStruct((), jnp.int32)}
+
+
+@functools.lru_cache(maxsize=16)
+def compile_step(stage, tcfg, mesh, batch, grad_accum, seed, text_len):
+    """The jitted step: state replicated, batch split over 'data', state donated. Cached, so
+    that a second train() of the same configuration (a resume) reuses the compiled program."""
+    graphdef, shapes = abstract_state(stage, tcfg)
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     step = make_train_step(graphdef, stage, tcfg, grad_accum, seed)
-    state_sh = jax.tree.map(lambda _: replicated, state_shapes)
+    state_sh = jax.tree.map(lambda _: replicated, shapes)
     batch_sh = {k: split for k in batch_shapes(stage, batch, text_len)}
     return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                    donate_argnums=0)
@@ -240,11 +254,8 @@ def train(stage, tcfg, workdir, steps, *, data_spec="shapes", text_encoder=None,
                                     text_cache, encoder_name=text_encoder)
         cache = t5_encoder.EmbeddingCache(text_cache)
 
-    graphdef, abstract = nnx.split(abstract_unet(stage.unet))
-    optimizer, lr_fn = make_optimizer(stage, tcfg)
-    abstract_state = {"params": abstract, "ema": abstract, "opt": jax.eval_shape(optimizer.init, abstract),
-                      "step": jax.ShapeDtypeStruct((), jnp.int32)}
-    step_fn = compile_step(graphdef, abstract_state, stage, tcfg, mesh, B, grad_accum, seed, text_len)
+    _, lr_fn = make_optimizer(stage, tcfg)
+    step_fn = compile_step(stage, tcfg, mesh, B, grad_accum, seed, text_len)
     replicated = NamedSharding(mesh, P())
     mngr = checkpoint_manager(workdir)
     meta = {"stage": config_dict(stage), "text_encoder": text_encoder, "seed": seed,
@@ -255,7 +266,7 @@ def train(stage, tcfg, workdir, steps, *, data_spec="shapes", text_encoder=None,
         check_config(old, stage, text_encoder, workdir)
         meta["position"] = old["position"]
         abstract_sharded = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                                        abstract_state)
+                                        abstract_state(stage, tcfg)[1])
         state = restore(mngr, abstract_sharded)
         if os.path.exists(metrics_path):  # drop what was logged after the checkpoint
             with open(metrics_path) as f:
@@ -350,16 +361,13 @@ TPU_V4_BF16 = 275e12  # FLOP/s per chip, bf16 (§4.1 trains on TPU-v4)
 def dry_run(stage, tcfg, grad_accum, seed, text_len, mfu=0.5):
     n = jax.device_count()
     mesh = make_mesh()
-    graphdef, abstract = nnx.split(abstract_unet(stage.unet))
-    optimizer, _ = make_optimizer(stage, tcfg)
-    state = {"params": abstract, "ema": abstract, "opt": jax.eval_shape(optimizer.init, abstract),
-             "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    _, state = abstract_state(stage, tcfg)
     t = time.time()
-    step = compile_step(graphdef, state, stage, tcfg, mesh, tcfg.batch_size, grad_accum, seed, text_len)
+    step = compile_step(stage, tcfg, mesh, tcfg.batch_size, grad_accum, seed, text_len)
     compiled = step.lower(state, batch_shapes(stage, tcfg.batch_size, text_len)).compile()
     flops_dev = float(compiled.cost_analysis()["flops"])  # of one device's partition
     mem = compiled.memory_analysis()
-    params = sum(x.size for x in jax.tree.leaves(abstract))
+    params = sum(x.size for x in jax.tree.leaves(state["params"]))
     dev_bytes = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     rows = [("stage", f"{stage.name} ({stage.section}), {stage.train_size}x{stage.train_size}, "
                       f"optimizer {stage.optimizer}, compute dtype {stage.unet.dtype}"),

@@ -83,19 +83,20 @@ class GroupNorm(nnx.Module):
 
 
 # LeCun-normal without truncation: the same variance as nnx's default, and plain normals
-# compile far faster than truncated ones when a model's ~1000 initialisers are jitted together
+# compile faster when a model's initialisers are jitted together. paper: not specified; no
+# zero-initialised output layers (ADM's zero_module): with Adafactor's relative step sizes
+# (optax's default multiply_by_parameter_scale, §4.1 base model) a zero parameter moves by only
+# lr x 1e-3 per step, which stalled training in our tests.
 _fan_in_normal = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")
 
 
-def conv(i, o, rngs, dtype, k=3, stride=1, zero=False):
-    init = nnx.initializers.zeros if zero else _fan_in_normal
+def conv(i, o, rngs, dtype, k=3, stride=1):
     return nnx.Conv(i, o, (k, k), strides=stride, padding="SAME", dtype=dtype,
-                    kernel_init=init, rngs=rngs)
+                    kernel_init=_fan_in_normal, rngs=rngs)
 
 
-def dense(i, o, rngs, dtype, zero=False, bias=True):
-    init = nnx.initializers.zeros if zero else _fan_in_normal
-    return nnx.Linear(i, o, use_bias=bias, dtype=dtype, kernel_init=init, rngs=rngs)
+def dense(i, o, rngs, dtype, bias=True):
+    return nnx.Linear(i, o, use_bias=bias, dtype=dtype, kernel_init=_fan_in_normal, rngs=rngs)
 
 
 def sinusoidal_embedding(x, dim: int, max_period: float = 10000.0):
@@ -146,7 +147,10 @@ class TextPooling(nnx.Module):
         self.kind, self.heads = kind, max(text_dim // 64, 1)
         self.norm = LayerNorm(text_dim, dtype)
         if kind == "attention":
-            self.q, self.k, self.v, self.o = (dense(text_dim, text_dim, rngs, dtype) for _ in range(4))
+            self.q, self.o = dense(text_dim, text_dim, rngs, dtype), dense(text_dim, text_dim, rngs, dtype)
+            # no key/value biases: softmax ignores a key bias, and a value bias is a constant
+            # that the output bias already provides (their gradients are exactly zero / redundant)
+            self.k, self.v = (dense(text_dim, text_dim, rngs, dtype, bias=False) for _ in range(2))
         self.proj = dense(text_dim, emb_dim, rngs, dtype)
 
     def __call__(self, txt_BLD, mask_BL):
@@ -166,15 +170,14 @@ class TextPooling(nnx.Module):
 class ResBlock(nnx.Module):
     """ADM residual block (GroupNorm, SiLU, conv3x3, GroupNorm with scale-shift from the
     conditioning embedding, SiLU, conv3x3; no dropout: 0 in every stage, App. F) with an optional BigGAN-style resample
-    ("down": 2x2 average pool, "up": nearest 2x) of both paths before the first conv. The last
-    conv is zero-initialised (ADM). `skip_scale` = 1/sqrt(2) scales the residual sum
+    ("down": 2x2 average pool, "up": nearest 2x) of both paths before the first conv. `skip_scale` = 1/sqrt(2) scales the residual sum
     (score-SDE); 1 in the base model."""
 
     def __init__(self, i, o, emb_dim, cfg, rngs, resample=None, skip_scale=1.0):
         dt = _dtype(cfg)
         self.norm1, self.conv1 = GroupNorm(i, cfg.norm_groups, dt), conv(i, o, rngs, dt)
         self.emb = dense(emb_dim, 2 * o if cfg.use_scale_shift_norm else o, rngs, dt)
-        self.norm2, self.conv2 = GroupNorm(o, cfg.norm_groups, dt), conv(o, o, rngs, dt, zero=True)
+        self.norm2, self.conv2 = GroupNorm(o, cfg.norm_groups, dt), conv(o, o, rngs, dt)
         self.shortcut = conv(i, o, rngs, dt, k=1) if i != o else None
         self.resample, self.skip_scale, self.scale_shift = resample, skip_scale, cfg.use_scale_shift_norm
 
@@ -209,7 +212,6 @@ class Attention(nnx.Module):
       mask: the base model's and the 64->256 model's "text cross attention".
     not self_attn: explicit cross-attention, queries from the image, keys and values from the
       text only (the 256->1024 model, F.3); an all-masked text contributes nothing.
-    The output projection is zero-initialised (ADM).
     """
 
     def __init__(self, ch, heads, text_dim, self_attn, cfg, rngs):
@@ -217,10 +219,11 @@ class Attention(nnx.Module):
         self.heads, self.self_attn = heads, self_attn
         self.norm = GroupNorm(ch, cfg.norm_groups, dt)
         self.q = dense(ch, ch, rngs, dt)
-        self.kv = dense(ch, 2 * ch, rngs, dt) if self_attn else None
+        # no key/value biases (see TextPooling)
+        self.kv = dense(ch, 2 * ch, rngs, dt, bias=False) if self_attn else None
         self.text_norm = LayerNorm(text_dim, dt) if text_dim else None  # §2.5
-        self.text_kv = dense(text_dim, 2 * ch, rngs, dt) if text_dim else None
-        self.o = dense(ch, ch, rngs, dt, zero=True)
+        self.text_kv = dense(text_dim, 2 * ch, rngs, dt, bias=False) if text_dim else None
+        self.o = dense(ch, ch, rngs, dt)
 
     def __call__(self, x, txt_BLD, mask_BL):
         B, H, W, C = x.shape
@@ -327,7 +330,7 @@ class UNet(nnx.Module):
                     res *= 2
                 self.up.append(nnx.List(blocks))
         self.norm_out = GroupNorm(c, cfg.norm_groups, dt)
-        self.conv_out = conv(c, cfg.in_channels, rngs, dt, zero=True)
+        self.conv_out = conv(c, cfg.in_channels, rngs, dt)
 
     def __call__(self, z_t, log_snr, text_emb, text_mask, lowres=None, aug_log_snr=None):
         cfg = self.cfg
@@ -414,7 +417,7 @@ class EfficientUNet(nnx.Module):
         self.down = nnx.List([DBlock(p, c, n, sa, ca, emb_dim, cfg, rngs) for p, c, n, sa, ca in spec])
         self.up = nnx.List([UBlock(c, p, n, sa, ca, emb_dim, cfg, rngs) for p, c, n, sa, ca in reversed(spec)])
         self.norm_out = GroupNorm(C[0], cfg.norm_groups, dt)
-        self.conv_out = conv(C[0], cfg.in_channels, rngs, dt, zero=True)
+        self.conv_out = conv(C[0], cfg.in_channels, rngs, dt)
 
     def __call__(self, z_t, log_snr, text_emb, text_mask, lowres=None, aug_log_snr=None):
         cfg = self.cfg
