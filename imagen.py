@@ -10,13 +10,17 @@ ours, the resolution and the FLOPs of one forward pass at batch 1.
 """
 
 import dataclasses
+import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from unet import UNetConfig, abstract_unet
+import diffusion
+from unet import UNetConfig, abstract_unet, resize_lowres
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +121,145 @@ def forward_flops(stage: StageConfig, batch: int = 1, size: int | None = None) -
 
     compiled = jax.jit(fwd).lower(state, *abstract_inputs(stage, batch, size)).compile()
     return float(compiled.cost_analysis()["flops"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The cascade: text -> 64 -> 256 -> 1024 (§2, Fig. A.4)
+# ---------------------------------------------------------------------------------------------
+
+STAGE_NAMES = ("base", "sr1", "sr2")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+    """How one stage is sampled. Defaults: the paper's "best samples" settings (App. D.2)."""
+    guidance: float = 5.0  # w, §2.2 (Figs. A.10-A.12 use 5)
+    steps: int = 100
+    sampler: str = "ddpm"  # "ddpm" (ancestral) or "ddim", App. A
+    threshold: str = "dynamic"  # "none" | "static" | "dynamic" (§2.3, p = 99.5)
+    aug_level: float = 0.3  # super-resolution stages only (§2.4; Fig. A.12 uses 0.3)
+
+
+def default_settings(stage: StageConfig, preset: str = "best") -> SampleSettings:
+    """"best": guidance 5, aug level 0.3 (App. D.2, Figs. A.10, A.12); "coco-fid": the COCO
+    FID-30K setting of Table 1: w = 1.35 (base) and 8.0 (super-resolution), aug level 0."""
+    s = SampleSettings(stage.guidance, stage.steps, stage.sampler, stage.threshold, stage.aug_level)
+    if preset == "coco-fid":
+        s = dataclasses.replace(s, guidance=1.35 if stage.lowres == 0 else 8.0, aug_level=0.0)
+    return s
+
+
+def stage_from_dict(d: dict) -> StageConfig:
+    """A StageConfig from its JSON form (as train.py records it in checkpoints)."""
+    unet_fields = {f.name for f in dataclasses.fields(UNetConfig)}
+    unet = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["unet"].items() if k in unet_fields})
+    return StageConfig(**{**d, "unet": unet})
+
+
+@dataclasses.dataclass
+class LoadedStage:
+    config: StageConfig
+    model: nnx.Module
+    step: int  # the checkpoint's step
+
+
+def load_stage(stage_dir: str, ema: bool = True) -> LoadedStage:
+    """A stage trained by train.py in stage_dir: its config and (EMA) weights."""
+    import train  # train.py imports this module for the presets
+
+    mngr = train.checkpoint_manager(stage_dir)
+    if mngr.latest_step() is None:
+        raise FileNotFoundError(stage_dir)
+    meta = train.read_meta(mngr)
+    config = stage_from_dict(meta["stage"])
+    config = dataclasses.replace(config, text_encoder=meta["text_encoder"])
+    if jax.default_backend() != "cpu":  # bf16 activations on accelerators
+        config = dataclasses.replace(config, unet=dataclasses.replace(config.unet, dtype="bfloat16"))
+    graphdef, shapes = train.abstract_state(config, train.TrainConfig(**meta["train"]))
+    state = train.restore(mngr, shapes)
+    return LoadedStage(config, nnx.merge(graphdef, state["ema" if ema else "params"]), int(state["step"]))
+
+
+def load_cascade(workdir: str, num_stages: int = 3, ema: bool = True):
+    """workdir/base, workdir/sr1, workdir/sr2 (train.py workdirs) -> [LoadedStage], and the text
+    encoder recorded in the base checkpoint. A missing stage is a FileNotFoundError naming the
+    train.py command that makes it."""
+    stages = []
+    for name in STAGE_NAMES[:num_stages]:
+        d = os.path.join(workdir, name)
+        try:
+            stages.append(load_stage(d, ema))
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"no trained {name} stage in {d}. Make it with\n  python train.py --stage {name} "
+                f"--workdir {d} [--preset paper ...]\nor run `python train.py` for the demo cascade "
+                f"(runs/demo).") from None
+    return stages
+
+
+def check_text_width(stages, encoder):
+    for s in stages:
+        if s.config.unet.text_dim != encoder.cfg.d_model:
+            raise ValueError(f"the {s.config.name} stage was trained on text of width "
+                             f"{s.config.unet.text_dim}, the text encoder gives {encoder.cfg.d_model}: "
+                             f"use the encoder it was trained with ({s.config.text_encoder!r})")
+
+
+@functools.lru_cache(maxsize=32)
+def _sampler(graphdef, schedule, steps, guided, sampler, threshold, shape):
+    """One stage's whole sampling loop, jitted: compiled once per (settings, shape)."""
+    def run(state, key, text_emb, text_mask, w, lowres, aug_level):
+        model = nnx.merge(graphdef, state)
+        return diffusion.sample(model, key, shape, text_emb, text_mask, diffusion.SCHEDULES[schedule],
+                                steps, w if guided else 1.0, sampler, threshold=threshold,
+                                lowres=lowres, aug_level=aug_level)
+    return jax.jit(run)
+
+
+def sample_stage(stage: LoadedStage, key, text_emb, text_mask, settings: SampleSettings, prev=None):
+    """One stage for one batch: (B, side, side, 3) in [-1, 1]. prev: the previous stage's output,
+    which is resized to this stage's side and noise-augmented at settings.aug_level (§2.4)."""
+    cfg = stage.config
+    B = text_emb.shape[0]
+    side = cfg.resolution
+    lowres = None if prev is None else resize_lowres(prev, side)
+    graphdef, state = nnx.split(stage.model)
+    run = _sampler(graphdef, cfg.schedule, settings.steps, settings.guidance != 1.0, settings.sampler,
+                   settings.threshold, (B, side, side, cfg.unet.in_channels))
+    x = run(state, key, text_emb, text_mask, jnp.float32(settings.guidance), lowres,
+            jnp.float32(settings.aug_level))
+    return jnp.clip(x, -1.0, 1.0)
+
+
+def to_uint8(x):
+    return np.asarray(jnp.round((x + 1) * 127.5), np.uint8)
+
+
+def generate(stages, encoder, tokenizer, prompts, settings, seed=0, batch_size=8, text_length=None,
+             progress=False):
+    """Prompts -> uint8 images (N, side, side, 3) through the given stages (1, 2 or 3).
+
+    The prompts are encoded once per batch and the embeddings reused by every stage (§2).
+    settings: one SampleSettings per stage. Batch b of stage s draws its noise from
+    fold_in(fold_in(PRNGKey(seed), b), s): the same seed and batch size give the same images."""
+    import t5_encoder
+    from tqdm import tqdm
+
+    check_text_width(stages, encoder)
+    text_length = text_length or stages[0].config.text_length
+    out = []
+    batches = range(0, len(prompts), batch_size)
+    for b, start in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
+        chunk = list(prompts[start:start + batch_size])
+        n = len(chunk)
+        chunk += [""] * (batch_size - n)  # pad the last batch: one compiled shape per stage
+        emb, mask = t5_encoder.encode(encoder, tokenizer, chunk, text_length)
+        x = None
+        for s, (stage, st) in enumerate(zip(stages, settings)):
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), b), s)
+            x = sample_stage(stage, key, emb, jnp.asarray(mask), st, x)
+        out.append(to_uint8(x[:n]))  # memory: only uint8 images stay on the host
+    return np.concatenate(out)
 
 
 def main():

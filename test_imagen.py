@@ -450,9 +450,9 @@ TINY_STAGES = {
     "base": dataclasses.replace(imagen.PRESETS["demo"]["base"], unet=dataclasses.replace(TINY_BASE, **_T),
                                 resolution=16, train_size=16, text_length=64),
     "sr1": dataclasses.replace(imagen.PRESETS["demo"]["sr1"], unet=dataclasses.replace(TINY_SR1, **_T),
-                               resolution=16, lowres=8, train_size=16, text_length=64),
+                               resolution=32, lowres=16, train_size=32, text_length=64),
     "sr2": dataclasses.replace(imagen.PRESETS["demo"]["sr2"], unet=dataclasses.replace(TINY_SR2, **_T),
-                               resolution=32, lowres=16, train_size=16, text_length=64),
+                               resolution=64, lowres=32, train_size=32, text_length=64),
 }
 TINY_TRAIN = dataclasses.replace(train.TRAIN_PRESETS["demo"], batch_size=8, warmup_steps=2, ema_decay=0.9)
 
@@ -479,9 +479,10 @@ def test_one_real_train_step_per_stage(name):
     stage = TINY_STAGES[name]
     step, state, _ = _step_fn(stage)
     b = _batch(stage)
-    assert b["image"].shape == (8, 16, 16, 3)
+    side = 16 if name == "base" else 32
+    assert b["image"].shape == (8, side, side, 3)
     if stage.lowres:
-        assert b["lowres"].shape == (8, 8, 8, 3)  # sr2: a 16 crop of a 32 image, lowres 16 / 2
+        assert b["lowres"].shape == (8, 16, 16, 3)  # sr2: a 32 crop of a 64 image, lowres 32 / 2
     before = jax.tree.map(np.asarray, state["params"])
     for _ in range(2):  # the warm-up starts at learning rate 0
         state, loss = step(state, b)
@@ -588,7 +589,7 @@ def test_folder_and_tar_data_skip_corrupt_images(tmp_path):
         assert len(src) == 5
         images, lowres, captions, indices, position, skipped = data.host_batch(src, TINY_STAGES["sr1"], 4, 0, 0)
         assert skipped == 1 and 2 not in indices and position == 5
-        assert images.shape == (4, 16, 16, 3) and lowres.shape == (4, 8, 8, 3)
+        assert images.shape == (4, 32, 32, 3) and lowres.shape == (4, 16, 16, 3)
         assert captions[0] == src.caption(int(indices[0]))
         assert -1 <= images.min() and images.max() <= 1
     # a host reads only its share: hosts 0 and 1 of 2 read disjoint examples
@@ -622,3 +623,94 @@ def test_two_processes_train_like_one(tmp_path):
     _train(tmp_path / "single", 3)
     np.testing.assert_allclose([l for _, l in _losses(tmp_path / "multi")],
                                [l for _, l in _losses(tmp_path / "single")], rtol=1e-5)
+
+
+# =============================================================================================
+# imagen.py (the cascade) and sample.py
+# =============================================================================================
+
+import sample  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_cascade(tmp_path_factory):
+    """Three tiny stages trained for one step each by train.py: 16 -> 32 -> 64."""
+    root = tmp_path_factory.mktemp("cascade")
+    for name in ("base", "sr1", "sr2"):
+        train.train(TINY_STAGES[name], TINY_TRAIN, str(root / name), 1, log_every=1, progress=False)
+    return str(root)
+
+
+FAST = imagen.SampleSettings(guidance=3.0, steps=3, sampler="ddim", threshold="dynamic", aug_level=0.3)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_generate_shapes_and_determinism(tiny_cascade, n):
+    stages = imagen.load_cascade(tiny_cascade, n)
+    enc, tok = T5.load_text_encoder(stages[0].config.text_encoder)
+    prompts = ["a red circle", "", "two blue squares"]
+    a = imagen.generate(stages, enc, tok, prompts, [FAST] * n, seed=1, batch_size=2)
+    assert a.dtype == np.uint8 and a.shape == (3, 16 * 2 ** (n - 1), 16 * 2 ** (n - 1), 3)
+    b = imagen.generate(stages, enc, tok, prompts, [FAST] * n, seed=1, batch_size=2)
+    np.testing.assert_array_equal(a, b)
+    c = imagen.generate(stages, enc, tok, prompts, [FAST] * n, seed=2, batch_size=2)
+    assert not np.array_equal(a, c)
+
+
+def test_w1_is_one_network_pass_per_step(tiny_cascade, monkeypatch):
+    stages = imagen.load_cascade(tiny_cascade, 1)
+    enc, tok = T5.load_text_encoder("demo-t5")
+    seen = []
+    real = U.UNet.__call__
+    monkeypatch.setattr(U.UNet, "__call__", lambda self, z, *a: seen.append(z.shape[0]) or real(self, z, *a))
+    for w in (1.0, 4.0):
+        seen.clear()
+        imagen.generate(stages, enc, tok, ["a red circle", "a blue square"],
+                        [dataclasses.replace(FAST, guidance=w, steps=4)], batch_size=2)
+        assert seen == [2 if w == 1.0 else 4]  # traced once: B examples, or [cond; uncond]
+
+
+def test_text_width_mismatch_is_a_clear_error(tiny_cascade, tiny_t5_dir):
+    stages = imagen.load_cascade(tiny_cascade, 1)
+    enc, tok = T5.load_t5(tiny_t5_dir, jnp.float32)  # 64 wide: same as demo-t5; make it differ
+    enc.cfg = dataclasses.replace(enc.cfg, d_model=32)
+    with pytest.raises(ValueError, match="trained on text of width 64"):
+        imagen.generate(stages, enc, tok, ["x"], [FAST])
+
+
+def test_sample_cli_writes_and_reproduces(tiny_cascade, tmp_path):
+    out = tmp_path / "out"
+    images = sample.main(["--workdir", tiny_cascade, "--out", str(out), "--steps", "3", "--sampler", "ddim",
+                          "--batch-size", "2", "a red circle", "", "two blue squares"])
+    assert sorted(os.listdir(out)) == ["0000.png", "0001.png", "0002.png", "grid.png", "settings.json"]
+    assert np.array_equal(np.asarray(Image.open(out / "0002.png")), images[2])
+    saved = json.load(open(out / "settings.json"))
+    assert saved["prompts"][1] == "" and saved["stages"][2]["settings"]["aug_level"] == 0.3
+    assert saved["stages"][0]["checkpoint_step"] == 1
+    again = sample.main(["--settings", str(out / "settings.json"), "--out", str(tmp_path / "again")])
+    np.testing.assert_array_equal(again, images)  # bit for bit
+
+
+def test_sample_cli_sweep_and_drawbench_grids(tiny_cascade, tmp_path):
+    sample.main(["--workdir", tiny_cascade, "--out", str(tmp_path / "s"), "--stages", "1", "--steps", "2",
+                 "--sweep", "guidance=1,5", "a red circle", "a blue square"])
+    assert Image.open(tmp_path / "s" / "sweep_guidance.png").size == (2 * 16, 2 * 16)
+    assert len(sample.read_drawbench()) == 200
+    sample.main(["--workdir", tiny_cascade, "--out", str(tmp_path / "d"), "--stages", "1", "--steps", "1",
+                 "--batch-size", "50", "--prompts", "drawbench"])
+    grids = [f for f in os.listdir(tmp_path / "d") if f.startswith("grid_")]
+    assert len(grids) == 11  # one per DrawBench category
+
+
+def _cli(args, cwd):
+    return subprocess.run([sys.executable, "sample.py", *args], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)), timeout=600)
+
+
+def test_sample_cli_bad_inputs(tiny_cascade, tmp_path):
+    r = _cli(["--workdir", tiny_cascade], tmp_path)  # no prompts
+    assert r.returncode != 0 and "usage" in r.stderr and "Traceback" not in r.stderr
+    r = _cli(["--workdir", str(tmp_path / "nothing"), "a cat"], tmp_path)
+    assert r.returncode != 0 and "python train.py --stage base" in r.stderr and "Traceback" not in r.stderr
+    r = _cli(["--workdir", tiny_cascade, "--stages", "1", "--steps", "1", "--out", str(tmp_path / "o"), "x" * 300], tmp_path)
+    assert r.returncode == 0 and "longer than 64 tokens" in r.stderr  # cut with a warning
