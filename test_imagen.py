@@ -454,7 +454,7 @@ TINY_STAGES = {
     "sr2": dataclasses.replace(imagen.PRESETS["demo"]["sr2"], unet=dataclasses.replace(TINY_SR2, **_T),
                                resolution=64, lowres=32, train_size=32, text_length=64),
 }
-TINY_TRAIN = dataclasses.replace(train.TRAIN_PRESETS["demo"], batch_size=8, warmup_steps=2, ema_decay=0.9)
+TINY_TRAIN = dataclasses.replace(train.TRAIN_PRESETS["demo"]["sr1"], batch_size=8, warmup_steps=2, ema_decay=0.9)
 
 
 def _batch(stage, B=8, seed=0, position=0):
@@ -714,3 +714,63 @@ def test_sample_cli_bad_inputs(tiny_cascade, tmp_path):
     assert r.returncode != 0 and "python train.py --stage base" in r.stderr and "Traceback" not in r.stderr
     r = _cli(["--workdir", tiny_cascade, "--stages", "1", "--steps", "1", "--out", str(tmp_path / "o"), "x" * 300], tmp_path)
     assert r.returncode == 0 and "longer than 64 tokens" in r.stderr  # cut with a warning
+
+
+# =============================================================================================
+# bench.py and the demo (demo.py, shapes.py)
+# =============================================================================================
+
+import bench  # noqa: E402
+import demo  # noqa: E402
+
+
+def test_bench_prints_valid_json(capsys, monkeypatch):
+    monkeypatch.setitem(imagen.PRESETS, "tiny", {k: dataclasses.replace(v, text_length=16) for k, v in TINY_STAGES.items()})
+    monkeypatch.setitem(train.TRAIN_PRESETS, "tiny", {k: TINY_TRAIN for k in TINY_STAGES})
+    bench.main(["--preset", "tiny", "--stage", "sr1", "--batch-size", "8", "--steps", "1", "--json"])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for k in ("img_per_s", "tflops", "mfu", "params", "size", "batch", "sample_step_s"):
+        assert k in r
+    assert r["size"] == 32 and r["batch"] == 8 and r["img_per_s"] > 0 and 0 < r["mfu"] < 1.5
+
+
+def test_shapes_dataset_is_deterministic_and_captions_parse_back():
+    a, b = shapes.make_example(3, 17), shapes.make_example(3, 17)
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0])) and a[1] == b[1]
+    assert shapes.make_example(4, 17)[1] != a[1] or not np.array_equal(np.asarray(shapes.make_example(4, 17)[0]), np.asarray(a[0]))
+    kinds = set()
+    for i in range(200):
+        img, cap, spec, boxes = shapes.make_example(0, i)
+        assert shapes.parse_caption(cap) == spec and not shapes.is_heldout(cap)
+        kinds.add(spec["kind"])
+        # what was drawn: the boxes do not overlap
+        for j, (x, y, s) in enumerate(boxes):
+            for (x2, y2, s2) in boxes[j + 1:]:
+                assert x + s <= x2 or x2 + s2 <= x or y + s <= y2 or y2 + s2 <= y
+    assert kinds == {"colour", "count", "position"}
+    assert all(shapes.is_heldout(shapes.make_example(0, i, split="heldout")[1]) for i in range(20))
+
+
+def test_detector_scores_real_images_near_100_percent():
+    ex = [shapes.make_example(5, i, split="heldout") for i in range(60)]
+    for size in (128, 32):
+        acc = demo.alignment([img.resize((size, size), Image.BICUBIC) for img, _, _, _ in ex], [c for _, c, _, _ in ex])
+        assert all(v >= 0.95 for v, n in acc.values() if n), (size, acc)
+    # and it is not fooled: a blank image or the wrong colour fails
+    blank = Image.new("RGB", (64, 64), "white")
+    assert shapes.score(blank, "a red circle")["colour"] is False
+    img, cap, spec, _ = shapes.make_example(0, 1)
+    wrong = "a green circle" if "red" in cap else "a red circle"
+    assert shapes.score(img, wrong)["colour"] is False
+
+
+def test_short_demo_end_to_end(tmp_path):
+    steps = {"base": 2, "sr1": 1, "sr2": 1}
+    fast = {k: dataclasses.replace(v, steps=2) for k, v in TINY_STAGES.items()}
+    result = demo.main(str(tmp_path), steps, fast, {k: TINY_TRAIN for k in fast}, n_eval=4, n_sweep=2)
+    report = (tmp_path / "report.md").read_text()
+    assert "| colour |" in report and "guidance_sweep.png" in report
+    for f in ("samples.png", "guidance_sweep.png", "thresholding.png", "report.json"):
+        assert (tmp_path / f).exists()
+    assert result["ceiling"]["colour"][0] >= 0.95
+    assert len(result["sweep"]) == len(demo.SWEEP)

@@ -52,11 +52,12 @@ class TrainConfig:
     p_uncond: float = 0.1  # §4.1: text embeddings zeroed 10% of the time
 
 
-TRAIN_PRESETS = {
-    "paper": TrainConfig(),
-    # demo: minutes on a laptop CPU; see demo.py for the step counts
-    "demo": TrainConfig(lr=1e-3, warmup_steps=100, decay_steps=3000, end_lr=1e-4, batch_size=32,
-                        ema_decay=0.995),
+_demo = TrainConfig(lr=1e-3, warmup_steps=100, decay_steps=3000, end_lr=1e-4, batch_size=32, ema_decay=0.995)
+TRAIN_PRESETS = {  # per preset and stage
+    "paper": {"base": TrainConfig(), "sr1": TrainConfig(), "sr2": TrainConfig()},
+    # demo: minutes on a laptop CPU (demo.py sets the step counts). Adafactor's step is relative
+    # to each parameter's scale (optax default), so the base stage takes a larger rate than Adam.
+    "demo": {"base": dataclasses.replace(_demo, lr=1e-2, end_lr=1e-3), "sr1": _demo, "sr2": _demo},
 }
 
 
@@ -429,7 +430,7 @@ def main(argv=None):
     stage = imagen.PRESETS[args.preset][args.stage]
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     stage = dataclasses.replace(stage, unet=dataclasses.replace(stage.unet, dtype=dtype, remat=args.remat))
-    tcfg = TRAIN_PRESETS[args.preset]
+    tcfg = TRAIN_PRESETS[args.preset][args.stage]
     if args.batch_size:
         tcfg = dataclasses.replace(tcfg, batch_size=args.batch_size)
     if args.dry_run:

@@ -1,0 +1,172 @@
+"""Speed of one training step and of sampling, side by side with the PyTorch peer.
+
+  python bench.py --preset demo --stage base --batch-size 8            # CPU-sized
+  python bench.py --preset paper --stage base --batch-size 64 --json   # an accelerator
+  python bench.py --preset demo --stage base --batch-size 8 --compare-peer
+
+Train step = forward + backward + optimiser update + EMA, jitted as train.py runs it, on
+random data of the stage's training shape with 128 (paper) or 64 (demo) text tokens of the
+stage's text width. FLOPs come from XLA's cost analysis of the compiled step; MFU is the
+achieved FLOP/s over a large matmul measured in the same process (bf16 on accelerators,
+float32 on CPU). Sampling: the time of one guided denoising step (2B network passes) and,
+with --cascade, the latency of the whole cascade for one prompt at the default step counts.
+With --json the last line of stdout is one JSON object.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import diffusion
+import imagen
+import train
+from unet import make_unet
+
+PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "peers", "imagen_pytorch_bench.py")
+PEER_PRESET = {("paper", "base"): "base64", ("paper", "sr1"): "sr256", ("paper", "sr2"): "sr1024",
+               ("demo", "base"): "tiny", ("demo", "sr1"): "tiny", ("demo", "sr2"): "tiny"}
+
+
+def timed(fn, *args, n=5):
+    """Mean seconds per call after one warm-up call (compile excluded)."""
+    jax.block_until_ready(fn(*args))
+    t = time.perf_counter()
+    for _ in range(n):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / n
+
+
+def matmul_peak(dtype):
+    """FLOP/s of a large square matmul in this process: the denominator of MFU."""
+    n = 8192 if jax.default_backend() != "cpu" else 2048
+    x = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    return 2 * n ** 3 / timed(f, x, x, n=10)
+
+
+def bench_train(stage, tcfg, batch, text_len, steps):
+    mesh = train.make_mesh()
+    tcfg = dataclasses.replace(tcfg, batch_size=batch)
+    t = time.perf_counter()
+    step = train.compile_step(stage, tcfg, mesh, batch, 1, 0, text_len)
+    _, state = train.init_state(stage, tcfg, 0)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    shapes = train.batch_shapes(stage, batch, text_len)
+    rng = np.random.default_rng(0)
+    b = {k: (rng.standard_normal(s.shape).astype(np.float32) if s.dtype == jnp.float32 else
+             np.ones(s.shape, bool) if s.dtype == jnp.bool_ else np.arange(s.shape[0], dtype=np.int32))
+         for k, s in shapes.items()}
+    compiled = step.lower(jax.eval_shape(lambda: state), shapes).compile()
+    flops = float(compiled.cost_analysis()["flops"]) * jax.device_count()
+    state, loss = step(state, b)  # the first call compiles (cached) and warms up
+    jax.block_until_ready(loss)
+    compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(steps):
+        state, loss = step(state, b)
+    jax.block_until_ready(loss)
+    dt = (time.perf_counter() - t) / steps
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"step_s": dt, "img_per_s": batch / dt, "flops_per_step": flops, "tflops": flops / dt / 1e12,
+            "compile_s": compile_s, "peak_mem_GiB": stats.get("peak_bytes_in_use", 0) / 2 ** 30}
+
+
+def bench_sampling_step(stage, batch, text_len):
+    """One guided denoising step: the network on [cond; uncond] (2B examples)."""
+    graphdef, state = nnx.split(make_unet(stage.unet))
+    side = stage.resolution if stage.lowres == 0 else stage.train_size
+    z = jnp.zeros((2 * batch, side, side, 3))
+    emb = jnp.zeros((2 * batch, text_len, stage.unet.text_dim))
+    mask = jnp.ones((2 * batch, text_len), bool)
+    low = (z, jnp.zeros((2 * batch,))) if stage.lowres else (None, None)
+    fwd = jax.jit(lambda s, z: diffusion.guide(*jnp.split(nnx.merge(graphdef, s)(
+        z, jnp.zeros((2 * batch,)), emb, mask, *low), 2), 5.0))
+    flops = float(fwd.lower(state, z).compile().cost_analysis()["flops"])
+    dt = timed(fwd, state, z)
+    return {"sample_step_s": dt, "sample_tflops": flops / dt / 1e12}
+
+
+def bench_cascade(preset, text_len):
+    """Whole-cascade latency for one prompt at the default step counts (random weights)."""
+    cfgs = imagen.PRESETS[preset]
+    stages = [imagen.LoadedStage(cfgs[n], make_unet(cfgs[n].unet), 0) for n in imagen.STAGE_NAMES]
+    emb, mask = jnp.zeros((1, text_len, cfgs["base"].unet.text_dim)), jnp.ones((1, text_len), bool)
+
+    def run():
+        x = None
+        for s, st in enumerate(stages):
+            x = imagen.sample_stage(st, jax.random.PRNGKey(s), emb, mask, imagen.default_settings(st.config), x)
+        return x
+    jax.block_until_ready(run())  # compile
+    t = time.perf_counter()
+    jax.block_until_ready(run())
+    return {"cascade_latency_s": time.perf_counter() - t}
+
+
+def run_peer(preset, stage, batch, size, text_dim, tokens, precision):
+    if not os.path.exists(PEER):
+        return {"error": f"{PEER} not found"}
+    cmd = [sys.executable, PEER, "--preset", PEER_PRESET[(preset, stage)], "--batch", str(batch),
+           "--size", str(size), "--text-dim", str(text_dim), "--tokens", str(tokens), "--precision", precision]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        return {"error": (r.stderr or r.stdout).strip().splitlines()[-1:]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(imagen.PRESETS), default="demo")
+    p.add_argument("--stage", choices=list(imagen.STAGE_NAMES), default="base")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5, help="timed train steps")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--cascade", action="store_true", help="also time the whole cascade for one prompt")
+    p.add_argument("--compare-peer", action="store_true", help="run the imagen-pytorch benchmark too")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    on_cpu = jax.default_backend() == "cpu"
+    dtype = a.dtype or ("float32" if on_cpu else "bfloat16")
+    stage = imagen.PRESETS[a.preset][a.stage]
+    stage = dataclasses.replace(stage, unet=dataclasses.replace(stage.unet, dtype=dtype, remat=a.remat))
+    tcfg = train.TRAIN_PRESETS[a.preset][a.stage]
+    text_len = stage.text_length
+    peak = matmul_peak(jnp.dtype(dtype))
+    r = {"preset": a.preset, "stage": a.stage, "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
+         "dtype": dtype, "params": imagen.count_params(stage), "size": stage.train_size, "batch": a.batch_size,
+         "text_tokens": text_len, "matmul_peak_tflops": peak / 1e12}
+    r.update(bench_train(stage, tcfg, a.batch_size, text_len, a.steps))
+    r["mfu"] = r["tflops"] * 1e12 / (peak * jax.device_count())
+    r.update(bench_sampling_step(stage, a.batch_size, text_len))
+    r["sample_mfu"] = r["sample_tflops"] * 1e12 / peak
+    if a.cascade:
+        r.update(bench_cascade(a.preset, text_len))
+    if a.compare_peer:
+        peer = run_peer(a.preset, a.stage, a.batch_size, stage.train_size, stage.unet.text_dim, text_len,
+                        "fp32" if dtype == "float32" else "bf16")
+        r["peer"] = peer
+        if "tflops" in peer:
+            r["ratio_img_per_s"] = r["img_per_s"] / peer["img_per_s"]
+            r["ratio_tflops"] = r["tflops"] / peer["tflops"]
+    for k, v in r.items():
+        if not a.json:
+            print(f"{k:22s} {v:.4g}" if isinstance(v, float) else f"{k:22s} {v}")
+    if a.json:
+        print(json.dumps(r))
+    return r
+
+
+if __name__ == "__main__":
+    main()
