@@ -114,10 +114,11 @@ def bench_cascade(preset, text_len):
     return {"cascade_latency_s": time.perf_counter() - t}
 
 
-def run_peer(preset, stage, batch, size, text_dim, tokens, precision):
+def run_peer(preset, stage, batch, size, text_dim, tokens, precision, python=None):
+    """../shared/peers/imagen_pytorch_bench.py on the matching peer preset, same shapes."""
     if not os.path.exists(PEER):
         return {"error": f"{PEER} not found"}
-    cmd = [sys.executable, PEER, "--preset", PEER_PRESET[(preset, stage)], "--batch", str(batch),
+    cmd = [python or sys.executable, PEER, "--preset", PEER_PRESET[(preset, stage)], "--batch", str(batch),
            "--size", str(size), "--text-dim", str(text_dim), "--tokens", str(tokens), "--precision", precision]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -135,6 +136,8 @@ def main(argv=None):
     p.add_argument("--remat", action="store_true")
     p.add_argument("--cascade", action="store_true", help="also time the whole cascade for one prompt")
     p.add_argument("--compare-peer", action="store_true", help="run the imagen-pytorch benchmark too")
+    p.add_argument("--peer-python", default=None,
+                   help="interpreter with torch + imagen-pytorch for the peer (default: this one)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     on_cpu = jax.default_backend() == "cpu"
@@ -155,7 +158,7 @@ def main(argv=None):
         r.update(bench_cascade(a.preset, text_len))
     if a.compare_peer:
         peer = run_peer(a.preset, a.stage, a.batch_size, stage.train_size, stage.unet.text_dim, text_len,
-                        "fp32" if dtype == "float32" else "bf16")
+                        "fp32" if dtype == "float32" else "bf16", a.peer_python)
         r["peer"] = peer
         if "tflops" in peer:
             r["ratio_img_per_s"] = r["img_per_s"] / peer["img_per_s"]

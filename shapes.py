@@ -149,14 +149,16 @@ def _components(mask):
 
 
 def detect(image) -> list[dict]:
-    """Objects in an image: each pixel goes to the nearest palette colour (or background);
-    connected components of at least 1% of the image are objects, with a colour, a centroid
-    and a shape guessed from how much of its bounding box it fills (square ~1, circle ~0.79,
-    triangle ~0.5)."""
+    """Objects in an image: a pixel with chroma (max - min channel) below 60 is background
+    (white, or the grey / tinted backgrounds of imperfect samples: every palette colour has
+    chroma >= 110); every other pixel goes to the nearest palette colour; connected
+    components of at least 1% of the image are objects, with a colour, a centroid and a shape
+    guessed from how much of its bounding box it fills (square ~1, circle ~0.79, triangle ~0.5)."""
     x = np.asarray(image.convert("RGB"), np.float32)
     H, W, _ = x.shape
-    refs = np.array([(255, 255, 255)] + list(PALETTE.values()), np.float32)
-    label = np.argmin(((x[:, :, None, :] - refs) ** 2).sum(-1), axis=-1)  # 0 = background
+    refs = np.array(list(PALETTE.values()), np.float32)
+    label = np.argmin(((x[:, :, None, :] - refs) ** 2).sum(-1), axis=-1) + 1
+    label[x.max(-1) - x.min(-1) < 60] = 0  # 0 = background
     objects = []
     for k, name in enumerate(PALETTE, start=1):
         for pix in _components(label == k):
