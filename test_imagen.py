@@ -395,14 +395,14 @@ def test_efficient_unet_block_order_and_resolutions(monkeypatch):
     model(jnp.zeros((B, 16, 16, 3)), jnp.zeros((B,)), jnp.ones((B, 5, 12)), jnp.ones((B, 5), bool),
           jnp.zeros((B, 16, 16, 3)), jnp.zeros((B,)))  # eager: every call is recorded
     events = seen
-    # conv_in at 16; DBlock 0: strided conv first (16 -> 8), then its ResBlock at 8;
-    # DBlock 1: strided conv (8 -> 4), two ResBlocks at 4; UBlock 1: ResBlocks at 4, then the
-    # up-sampling conv at 8; UBlock 0: ResBlock at 8, then up to 16; conv_out at 16.
+    # conv_in at 16; DBlock 0 keeps the full resolution: its ResBlock at 16; DBlock 1: strided
+    # conv first (16 -> 8), then two ResBlocks at 8; UBlock 1: ResBlocks at 8, then the
+    # up-sampling conv at 16; UBlock 0: ResBlock at 16, no up-sampling; conv_out at 16.
     res_seq = [e[1] for e in events if e[0] == "res"]
-    assert res_seq == [8, 4, 4, 4, 4, 8]
+    assert res_seq == [16, 8, 8, 8, 8, 16]
     convs = [(e[1], e[2]) for e in events if e[0] == "conv"]
     strided = [c[0] for c in convs if c[1] in (2, (2, 2))]
-    assert strided == [16, 8]  # down-sampling happens first in each DBlock
+    assert strided == [16]  # down-sampling happens first in the DBlock
     assert convs[-1][0] == 16 and events[-1][0] == "conv"
 
 
@@ -454,7 +454,7 @@ TINY_STAGES = {
     "sr2": dataclasses.replace(imagen.PRESETS["demo"]["sr2"], unet=dataclasses.replace(TINY_SR2, **_T),
                                resolution=64, lowres=32, train_size=32, text_length=64),
 }
-TINY_TRAIN = dataclasses.replace(train.TRAIN_PRESETS["demo"]["sr1"], batch_size=8, warmup_steps=2, ema_decay=0.9)
+TINY_TRAIN = dataclasses.replace(train.TRAIN_PRESETS["demo"]["sr1"], lr=1e-3, batch_size=8, warmup_steps=2, ema_decay=0.9)
 
 
 def _batch(stage, B=8, seed=0, position=0):

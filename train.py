@@ -57,7 +57,8 @@ TRAIN_PRESETS = {  # per preset and stage
     "paper": {"base": TrainConfig(), "sr1": TrainConfig(), "sr2": TrainConfig()},
     # demo: minutes on a laptop CPU (demo.py sets the step counts). Adafactor's step is relative
     # to each parameter's scale (optax default), so the base stage takes a larger rate than Adam.
-    "demo": {"base": dataclasses.replace(_demo, lr=1e-2, end_lr=1e-3), "sr1": _demo, "sr2": _demo},
+    "demo": {"base": dataclasses.replace(_demo, lr=1e-2, end_lr=1e-3),
+             "sr1": dataclasses.replace(_demo, lr=3e-3), "sr2": dataclasses.replace(_demo, lr=3e-3)},
 }
 
 

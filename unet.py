@@ -358,11 +358,12 @@ class UNet(nnx.Module):
 
 
 class DBlock(nnx.Module):
-    """App. B.1, Fig. A.28: strided conv (downsample first) -> ResBlocks -> attention."""
+    """App. B.1, Fig. A.28: conv, strided to downsample first (all but the first block) ->
+    ResBlocks -> attention."""
 
-    def __init__(self, i, o, n, self_attn, cross_attn, emb_dim, cfg, rngs):
+    def __init__(self, i, o, n, self_attn, cross_attn, emb_dim, cfg, rngs, stride=2):
         dt, text = _dtype(cfg), text_width(cfg) if cfg.text_cross_attn else 0
-        self.down = conv(i, o, rngs, dt, stride=2)
+        self.down = conv(i, o, rngs, dt, stride=stride)
         self.res = nnx.List([ResBlock(o, o, emb_dim, cfg, rngs) for _ in range(n)])
         self.attn = (Attention(o, cfg.num_heads, text, True, cfg, rngs) if self_attn else
                      Attention(o, cfg.num_heads, text, False, cfg, rngs) if cross_attn and text else None)
@@ -376,15 +377,16 @@ class DBlock(nnx.Module):
 
 class UBlock(nnx.Module):
     """App. B.1, Fig. A.29: [x, skip] -> ResBlocks -> attention -> upsample last (nearest 2x
-    then conv3x3; paper: not specified which up-sampling op)."""
+    then conv3x3; paper: not specified which up-sampling op; the last block only convolves)."""
 
-    def __init__(self, i, o, n, self_attn, cross_attn, emb_dim, cfg, rngs):
+    def __init__(self, i, o, n, self_attn, cross_attn, emb_dim, cfg, rngs, upsample=True):
         dt, text = _dtype(cfg), text_width(cfg) if cfg.text_cross_attn else 0
         first_in = 2 * i if cfg.skip_combine == "concat" else i
         self.res = nnx.List([ResBlock(first_in if j == 0 else i, i, emb_dim, cfg, rngs) for j in range(n)])
         self.attn = (Attention(i, cfg.num_heads, text, True, cfg, rngs) if self_attn else
                      Attention(i, cfg.num_heads, text, False, cfg, rngs) if cross_attn and text else None)
         self.up = conv(i, o, rngs, dt)
+        self.upsample = upsample
 
     def __call__(self, x, skip, emb, txt, mask, cfg):
         # App. B.1: skip connections scaled by 1/sqrt(2)
@@ -395,7 +397,8 @@ class UBlock(nnx.Module):
         for r in self.res:
             x = _maybe_remat(cfg, r, x, emb)
         x = self.attn(x, txt, mask) if self.attn is not None else x
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        if self.upsample:
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return self.up(x)
 
 
@@ -414,25 +417,31 @@ class EfficientUNet(nnx.Module):
         self.conv_in = conv(in_ch, C[0], rngs, dt)
         prev = [C[0]] + list(C[:-1])  # block k maps prev[k] -> C[k] (down) and C[k] -> prev[k] (up)
         spec = list(zip(prev, C, cfg.block_res_blocks, cfg.block_self_attn, cfg.block_cross_attn))
-        self.down = nnx.List([DBlock(p, c, n, sa, ca, emb_dim, cfg, rngs) for p, c, n, sa, ca in spec])
-        self.up = nnx.List([UBlock(c, p, n, sa, ca, emb_dim, cfg, rngs) for p, c, n, sa, ca in reversed(spec)])
+        # paper: not specified which blocks resample; the first DBlock keeps the full resolution
+        # and the last UBlock does not up-sample, so the output has a full-resolution path (an
+        # eps-prediction must reproduce z_t's pixel-level noise; without it our SR stages only
+        # produced noise). Every other DBlock halves, every other UBlock doubles.
+        self.down = nnx.List([DBlock(p, c, n, sa, ca, emb_dim, cfg, rngs, stride=1 if k == 0 else 2)
+                              for k, (p, c, n, sa, ca) in enumerate(spec)])
+        self.up = nnx.List([UBlock(c, p, n, sa, ca, emb_dim, cfg, rngs, upsample=k > 0)
+                            for k, (p, c, n, sa, ca) in reversed(list(enumerate(spec)))])
         self.norm_out = GroupNorm(C[0], cfg.norm_groups, dt)
         self.conv_out = conv(C[0], cfg.in_channels, rngs, dt)
 
     def __call__(self, z_t, log_snr, text_emb, text_mask, lowres=None, aug_log_snr=None):
         cfg = self.cfg
         _check_inputs(cfg, z_t, log_snr, text_emb, text_mask, lowres, aug_log_snr)
-        assert z_t.shape[1] % 2 ** len(cfg.block_channels) == 0, "side must divide by 2^blocks"
+        assert z_t.shape[1] % 2 ** (len(cfg.block_channels) - 1) == 0, "side must divide by 2^(blocks-1)"
         dt = _dtype(cfg)
         txt = text_emb.astype(dt)
         emb, txt = self.cond(log_snr, txt, text_mask, aug_log_snr)
         x = jnp.concatenate([z_t, lowres], -1) if cfg.lowres_cond else z_t
         h = self.conv_in(x.astype(dt))
         skips = []
-        for block in self.down:  # resolution halves at the start of every DBlock
+        for block in self.down:  # resolution halves at the start of every DBlock but the first
             h = block(h, emb, txt, text_mask, cfg)
             skips.append(h)
-        for block in self.up:  # and doubles at the end of every UBlock
+        for block in self.up:  # and doubles at the end of every UBlock but the last
             h = block(h, skips.pop(), emb, txt, text_mask, cfg)
         eps_hat = self.conv_out(jax.nn.silu(self.norm_out(h)))
         assert eps_hat.shape == z_t.shape
