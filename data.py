@@ -52,15 +52,16 @@ class Source:
             return img, caption
         try:
             if self.kind == "folder":
-                img = Image.open(self.items[i][0])
-            else:
-                tar_path, member, _ = self.items[i]
+                img, caption = Image.open(self.items[i][0]), self.caption(i)
+            else:  # one open of the shard for both members
+                tar_path, member, txt = self.items[i]
                 with tarfile.open(tar_path) as tf:
                     img = Image.open(io.BytesIO(tf.extractfile(member).read()))
+                    caption = tf.extractfile(txt).read().decode("utf-8").strip()
             img = img.convert("RGB")  # forces decoding: a truncated file fails here
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
             return None, None
-        return img, self.caption(i)
+        return img, caption
 
 
 def open_source(data: str, seed: int = 0) -> Source:
