@@ -205,22 +205,24 @@ def drop_text(text_emb, text_mask, drop):
     return text_emb * keep[:, None, None].astype(text_emb.dtype), text_mask & keep[:, None]
 
 
-def diffusion_loss(eps_fn, x0, text_emb, text_mask, keys, log_snr_fn, p_uncond=0.1, lowres=None):
+def diffusion_loss(eps_fn, x0, text_emb, text_mask, keys, log_snr_fn, p_uncond=0.1, lowres=None,
+                   max_aug_level=1.0):
     """Imagen's training loss: plain MSE on epsilon (App. A), t ~ U(0, 1) in continuous time
     (App. F), text dropped with probability p_uncond = 10% (§4.1). For super-resolution stages
     (lowres given, already resized to x0's size) the conditioning image is noise-augmented at
-    aug_level ~ U(0, 1) per example (§2.4).
+    aug_level ~ U(0, max_aug_level) per example (§2.4).
 
     keys: one PRNG key per example, (B, 2), so that an example's noise does not depend on how
     the batch is split over devices, hosts or micro-batches.
-    paper: not specified how aug_level is drawn in training ("chosen randomly"); we use U(0, 1).
+    paper: not specified how aug_level is drawn in training ("chosen randomly"); we use
+    U(0, max_aug_level), 1 by default (the demo uses less: see train.TRAIN_PRESETS).
     Returns the mean loss over the batch (a scalar, float32).
     """
     def draw(key):  # everything random about one example
         k_t, k_eps, k_drop, k_aug, k_aug_eps = jax.random.split(key, 5)
         aug_eps = None if lowres is None else jax.random.normal(k_aug_eps, lowres.shape[1:])
         return (jax.random.uniform(k_t), jax.random.normal(k_eps, x0.shape[1:]),
-                jax.random.bernoulli(k_drop, p_uncond), jax.random.uniform(k_aug), aug_eps)
+                jax.random.bernoulli(k_drop, p_uncond), max_aug_level * jax.random.uniform(k_aug), aug_eps)
 
     t, eps, drop, aug_level, aug_eps = jax.vmap(draw)(keys)
     log_snr = log_snr_fn(t)
