@@ -184,6 +184,10 @@ def test_loss_drops_text_and_augments_lowres():
     assert np.all(np.asarray(seen["emb"])[dropped] == 0) and np.all(np.asarray(seen["emb"])[~dropped] == 1)
     assert seen["aug"].shape == (B,) and float(jnp.std(seen["aug"])) > 1.0  # a random level
     assert not np.allclose(seen["lowres"], lowres)  # the conditioning image was corrupted
+    # aug_level ~ U(0, max_aug_level): its log-SNR never falls below the schedule's at the max
+    D.diffusion_loss(eps_fn, x0, emb, mask, keys, D.cosine_log_snr, lowres=lowres, max_aug_level=0.5)
+    aug = np.asarray(seen["aug"])
+    assert aug.min() >= float(D.cosine_log_snr(0.5)) - 1e-4 and aug.min() < float(D.cosine_log_snr(0.45))
 
 
 # =============================================================================================
@@ -489,6 +493,18 @@ def test_one_real_train_step_per_stage(name):
     assert np.isfinite(float(loss)) and int(state["step"]) == 2
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, b), before, state["params"]))
     assert any(changed)
+
+
+def test_ema_warms_up_instead_of_keeping_the_initialisation():
+    step, state, _ = _step_fn(TINY_STAGES["base"])
+    p0 = jax.tree.map(np.asarray, state["params"])
+    b = _batch(TINY_STAGES["base"])
+    for _ in range(2):  # the first update has learning rate 0 (warm-up): the EMA stays p0
+        state, _ = step(state, b)
+    # second update: decay min(0.9, (1 + 1) / (10 + 1)) = 2/11, not 0.9
+    want = jax.tree.map(lambda a, b: 2 / 11 * a + 9 / 11 * np.asarray(b), p0, state["params"])
+    assert not np.allclose(jax.tree.leaves(p0)[0], jax.tree.leaves(state["params"])[0])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), want, state["ema"])
 
 
 def test_loss_falls_when_overfitting_a_few_examples():
