@@ -177,7 +177,10 @@ def main(workdir="runs/demo", steps=None, stage_configs=None, tcfg=None, n_eval=
     for name in imagen.STAGE_NAMES:
         t = time.time()
         seconds_file = os.path.join(workdir, name, "train_seconds.json")  # summed over resumes
-        before = json.load(open(seconds_file)) if os.path.exists(seconds_file) else 0.0
+        before = 0.0
+        if os.path.exists(seconds_file):
+            with open(seconds_file) as f:
+                before = json.load(f)
         # the learning rate decays over exactly this many steps (cosine, as §4.1 over 2.5M)
         tc = dataclasses.replace(tcfg[name], decay_steps=max(steps[name], tcfg[name].warmup_steps + 1))
         train.train(stage_configs[name], tc, os.path.join(workdir, name), steps[name],
