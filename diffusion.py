@@ -111,6 +111,30 @@ def predict_x0(z_t, eps_hat, log_snr):
     return (z_t - sigma_t * eps_hat) / alpha_t
 
 
+# Network targets. The paper's is epsilon (App. A). "v" = alpha_t eps - sigma_t x (Salimans &
+# Ho 2022; Imagen Video, Ho et al. 2022, §2.4, "avoids color shifting artifacts") is NOT the
+# paper's: only the demo uses it, for the measured reason given in imagen.PRESETS.
+PREDICTIONS = ("eps", "v")
+
+
+def target(x0, eps, log_snr, prediction="eps"):
+    """What the network is trained to output: eps (App. A) or v = alpha_t eps - sigma_t x."""
+    if prediction == "eps":
+        return eps
+    alpha_t, sigma_t = alpha_sigma(_bcast(log_snr, x0))
+    return alpha_t * eps - sigma_t * x0
+
+
+def output_to_x0(z_t, out, log_snr, prediction="eps"):
+    """The data prediction x0_hat from the network's output: predict_x0 for eps, and
+    x0_hat = alpha_t z_t - sigma_t v_hat for v. Both are linear in the output, so guiding the
+    outputs (§2.2) is guiding x0_hat."""
+    if prediction == "eps":
+        return predict_x0(z_t, out, log_snr)
+    alpha_t, sigma_t = alpha_sigma(_bcast(log_snr, z_t))
+    return alpha_t * z_t - sigma_t * out
+
+
 # ---------------------------------------------------------------------------------------------
 # Guidance and thresholding (§2.2, §2.3)
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +230,7 @@ def drop_text(text_emb, text_mask, drop):
 
 
 def diffusion_loss(eps_fn, x0, text_emb, text_mask, keys, log_snr_fn, p_uncond=0.1, lowres=None,
-                   max_aug_level=1.0):
+                   max_aug_level=1.0, prediction="eps"):
     """Imagen's training loss: plain MSE on epsilon (App. A), t ~ U(0, 1) in continuous time
     (App. F), text dropped with probability p_uncond = 10% (§4.1). For super-resolution stages
     (lowres given, already resized to x0's size) the conditioning image is noise-augmented at
@@ -216,6 +240,7 @@ def diffusion_loss(eps_fn, x0, text_emb, text_mask, keys, log_snr_fn, p_uncond=0
     the batch is split over devices, hosts or micro-batches.
     paper: not specified how aug_level is drawn in training ("chosen randomly"); we use
     U(0, max_aug_level), 1 by default (the demo uses less: see train.TRAIN_PRESETS).
+    prediction: "eps" (the paper) or "v" (see PREDICTIONS): plain MSE on that target.
     Returns the mean loss over the batch (a scalar, float32).
     """
     def draw(key):  # everything random about one example
@@ -231,8 +256,8 @@ def diffusion_loss(eps_fn, x0, text_emb, text_mask, keys, log_snr_fn, p_uncond=0
     aug_log_snr = None
     if lowres is not None:
         lowres, aug_log_snr = noise_augment(lowres, aug_level, aug_eps, log_snr_fn)
-    eps_hat = eps_fn(z_t, log_snr, text_emb, text_mask, lowres, aug_log_snr)
-    return jnp.mean(jnp.square(eps_hat.astype(jnp.float32) - eps))
+    out = eps_fn(z_t, log_snr, text_emb, text_mask, lowres, aug_log_snr)
+    return jnp.mean(jnp.square(out.astype(jnp.float32) - target(x0, eps, log_snr, prediction)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +265,7 @@ def diffusion_loss(eps_fn, x0, text_emb, text_mask, keys, log_snr_fn, p_uncond=0
 # ---------------------------------------------------------------------------------------------
 
 def sample(eps_fn, key, shape, text_emb, text_mask, log_snr_fn, steps, w=1.0, sampler="ddpm",
-           gamma=0.0, threshold="dynamic", p=99.5, lowres=None, aug_level=0.0):
+           gamma=0.0, threshold="dynamic", p=99.5, lowres=None, aug_level=0.0, prediction="eps"):
     """Draw x ~ p(x | c) with `steps` uniformly spaced times from t = 1 to t = 0 (App. A).
 
     Every step: one network call (with guidance, the conditional and unconditional passes are
@@ -254,7 +279,8 @@ def sample(eps_fn, key, shape, text_emb, text_mask, log_snr_fn, steps, w=1.0, sa
     corrupted image conditions every step.
 
     paper: not specified: the step counts and gamma; ancestral sampling with gamma = 0 (the
-    posterior variance of DDPM) is our default.
+    posterior variance of DDPM) is our default. prediction: what eps_fn outputs ("eps", the
+    paper's, or "v"); guidance combines the outputs either way.
     """
     B = shape[0]
     thresh = (lambda x: dynamic_threshold(x, p)) if threshold == "dynamic" else THRESHOLDS[threshold]
@@ -286,7 +312,7 @@ def sample(eps_fn, key, shape, text_emb, text_mask, log_snr_fn, steps, w=1.0, sa
         s = 1.0 - (i + 1) / steps
         log_snr_t = jnp.full((B,), log_snr_fn(t))
         log_snr_s = jnp.full((B,), log_snr_fn(s))
-        x0_hat = thresh(predict_x0(z_t, eps_tilde(z_t, log_snr_t), log_snr_t))
+        x0_hat = thresh(output_to_x0(z_t, eps_tilde(z_t, log_snr_t), log_snr_t, prediction))
         if sampler == "ddim":
             z_s = ddim_step(z_t, x0_hat, log_snr_t, log_snr_s)
         elif sampler == "ddpm":

@@ -265,7 +265,10 @@ def load_t5(name_or_path: str, dtype=jnp.bfloat16, download: bool = False):
 
 # The demo's text encoder (no weights can be downloaded here): the T5 v1.1 architecture at a
 # tiny size with random, frozen weights, and the ByT5 byte tokenizer (no vocabulary file).
-DEMO_T5 = T5Config(vocab_size=384, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+# One layer, 256 wide: a linear probe on the mean-pooled embeddings of 1000 captions reads the
+# first colour word back 99% of the time (64 wide, 2 layers: 85%; 256 wide, 2 layers: 95%);
+# random layers mix the bytes of "green" and "orange" (the same letters) into similar features.
+DEMO_T5 = T5Config(vocab_size=384, d_model=256, d_kv=64, d_ff=512, num_layers=1, num_heads=4)
 
 
 def load_text_encoder(name: str, dtype=jnp.float32):

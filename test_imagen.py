@@ -152,6 +152,37 @@ def test_sampling_with_analytic_denoiser_lands_on_the_data_point(sampler, thresh
     np.testing.assert_allclose(x, x_star, atol=1e-3)
 
 
+def _point_v_denoiser(x_star):
+    """The optimal v-prediction for data that is the single point x_star."""
+    def v_fn(z_t, log_snr, *_):
+        alpha, sigma = D.alpha_sigma(log_snr[:, None, None, None])
+        x = jnp.tile(x_star, (z_t.shape[0] // x_star.shape[0], 1, 1, 1))
+        return alpha * (z_t - alpha * x) / sigma - sigma * x  # alpha eps - sigma x
+    return v_fn
+
+
+def test_v_prediction_target_round_trips_and_samples_the_data_point():
+    k1, k2 = jax.random.split(jax.random.PRNGKey(4))
+    x0 = jax.random.uniform(k1, (3, 4, 4, 3), minval=-1, maxval=1)
+    eps = jax.random.normal(k2, x0.shape)
+    ls = jnp.array([-8.0, 0.0, 6.0])
+    z = D.q_sample(x0, ls, eps)
+    for pred in D.PREDICTIONS:
+        np.testing.assert_allclose(D.output_to_x0(z, D.target(x0, eps, ls, pred), ls, pred), x0, atol=2e-4)
+    assert not np.allclose(D.target(x0, eps, ls, "v"), eps, atol=0.1)
+    # the exact v of point data gives zero loss, and its eps (the paper's target) does not
+    keys = jax.random.split(jax.random.PRNGKey(5), 64)
+    x_star = jnp.tile(x0[:1], (64, 1, 1, 1))
+    emb, mask = jnp.zeros((64, 2, 4)), jnp.ones((64, 2), bool)
+    assert float(D.diffusion_loss(_point_v_denoiser(x_star), x_star, emb, mask, keys, D.cosine_log_snr,
+                                  prediction="v")) < 1e-6
+    assert float(D.diffusion_loss(_point_v_denoiser(x_star), x_star, emb, mask, keys, D.cosine_log_snr)) > 0.1
+    x_star = x0[:2]
+    x = D.sample(_point_v_denoiser(x_star), jax.random.PRNGKey(3), x_star.shape, emb[:2], mask[:2],
+                 D.cosine_log_snr, steps=20, w=3.0, prediction="v")
+    np.testing.assert_allclose(x, x_star, atol=1e-3)
+
+
 def test_sampling_guidance_uses_one_batched_call_and_one_pass_at_w1():
     calls = []
 
@@ -449,7 +480,7 @@ import data  # noqa: E402
 import shapes  # noqa: E402
 import train  # noqa: E402
 
-_T = dict(text_dim=64, text_cross_attn=True)  # the demo T5 is 64 wide
+_T = dict(text_dim=T5.DEMO_T5.d_model, text_cross_attn=True)  # the demo T5's width
 TINY_STAGES = {
     "base": dataclasses.replace(imagen.PRESETS["demo"]["base"], unet=dataclasses.replace(TINY_BASE, **_T),
                                 resolution=16, train_size=16, text_length=64),

@@ -102,7 +102,8 @@ def make_train_step(graphdef, stage, tcfg, grad_accum: int, seed: int):
         lowres = resize_lowres(mb["lowres"], mb["image"].shape[1]) if stage.lowres else None
         keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(mb["row"])  # per example
         return diffusion.diffusion_loss(model, mb["image"], mb["text_emb"], mb["text_mask"], keys,
-                                        log_snr_fn, tcfg.p_uncond, lowres, tcfg.max_aug_level)
+                                        log_snr_fn, tcfg.p_uncond, lowres, tcfg.max_aug_level,
+                                        stage.prediction)
 
     def train_step(state, batch):
         step_key = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
@@ -210,7 +211,8 @@ def restore(mngr, abstract_state, step=None):
 def check_config(meta, stage, text_encoder, workdir):
     """Refuse to resume a checkpoint made with another config, saying what differs."""
     ours = {"stage": config_dict(stage), "text_encoder": text_encoder}
-    theirs = {"stage": meta["stage"], "text_encoder": meta["text_encoder"]}
+    # read back through stage_from_dict: a field added since the checkpoint takes its default
+    theirs = {"stage": config_dict(imagen.stage_from_dict(meta["stage"])), "text_encoder": meta["text_encoder"]}
     diff = []
     for key in ("stage", "text_encoder"):
         a, b = theirs[key], ours[key]
