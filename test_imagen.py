@@ -599,6 +599,12 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
     other = dataclasses.replace(TINY_STAGES["base"], unet=dataclasses.replace(TINY_STAGES["base"].unet, channels=8))
     with pytest.raises(SystemExit, match="unet.channels: checkpoint 16, now 8"):
         train.train(other, TINY_TRAIN, str(tmp_path), 2, progress=False)
+    with pytest.raises(SystemExit, match="prediction: checkpoint 'v', now 'eps'"):
+        train.train(dataclasses.replace(TINY_STAGES["base"], prediction="eps"), TINY_TRAIN, str(tmp_path), 2,
+                    progress=False)
+    # new sampling defaults are not another configuration: training resumes
+    train.train(dataclasses.replace(TINY_STAGES["base"], guidance=2.0, steps=7), TINY_TRAIN, str(tmp_path), 2,
+                progress=False)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -208,11 +208,16 @@ def restore(mngr, abstract_state, step=None):
     return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
 
 
+SAMPLING_FIELDS = ("guidance", "aug_level", "steps", "sampler", "threshold")
+
+
 def check_config(meta, stage, text_encoder, workdir):
     """Refuse to resume a checkpoint made with another config, saying what differs."""
     ours = {"stage": config_dict(stage), "text_encoder": text_encoder}
     # read back through stage_from_dict: a field added since the checkpoint takes its default
     theirs = {"stage": config_dict(imagen.stage_from_dict(meta["stage"])), "text_encoder": meta["text_encoder"]}
+    for d in (ours, theirs):  # sampling defaults do not change what training makes
+        d["stage"] = {k: v for k, v in d["stage"].items() if k not in SAMPLING_FIELDS}
     diff = []
     for key in ("stage", "text_encoder"):
         a, b = theirs[key], ours[key]
