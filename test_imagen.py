@@ -548,7 +548,8 @@ def test_loss_falls_when_overfitting_a_few_examples():
 
     def eval_loss(params):
         return float(D.diffusion_loss(nnx.merge(graphdef, params), rep(b["image"]), rep(b["text_emb"]),
-                                      rep(b["text_mask"]), keys, D.cosine_log_snr, p_uncond=0.0))
+                                      rep(b["text_mask"]), keys, D.cosine_log_snr, p_uncond=0.0,
+                                      prediction=stage.prediction))
     first = eval_loss(state["params"])
     for _ in range(40):
         state, _ = step(state, b)
