@@ -726,9 +726,9 @@ def test_w1_is_one_network_pass_per_step(tiny_cascade, monkeypatch):
 
 def test_text_width_mismatch_is_a_clear_error(tiny_cascade, tiny_t5_dir):
     stages = imagen.load_cascade(tiny_cascade, 1)
-    enc, tok = T5.load_t5(tiny_t5_dir, jnp.float32)  # 64 wide: same as demo-t5; make it differ
-    enc.cfg = dataclasses.replace(enc.cfg, d_model=32)
-    with pytest.raises(ValueError, match="trained on text of width 64"):
+    enc, tok = T5.load_t5(tiny_t5_dir, jnp.float32)  # 64 wide; the tiny cascade takes demo-t5's width
+    assert enc.cfg.d_model != T5.DEMO_T5.d_model
+    with pytest.raises(ValueError, match=f"trained on text of width {T5.DEMO_T5.d_model}"):
         imagen.generate(stages, enc, tok, ["x"], [FAST])
 
 
