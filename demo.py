@@ -3,7 +3,8 @@
 `python train.py` with no arguments runs this: the "demo" preset of imagen.PRESETS, a base
 U-Net and two Efficient U-Net super-resolution stages (32 -> 64 -> 128) with the paper's
 structure (classifier-free guidance training, noise-conditioning augmentation, static and
-dynamic thresholding; static by default and v-prediction, see imagen.PRESETS), trained on the synthetic captioned shapes of shapes.py, conditioned on a tiny
+dynamic thresholding; static by default and v-prediction, see imagen.PRESETS), trained on
+the synthetic captioned shapes of shapes.py, conditioned on a tiny
 T5 v1.1 encoder with random frozen weights (no weights can be downloaded here; the same code
 loads real T5 checkpoints). Then it writes WORKDIR/report.md:
   - colour / count / position accuracy on held-out captions and new seeds, through the full

@@ -11,6 +11,7 @@ Understanding" (arXiv 2205.11487):
 
 Nothing here knows about Flax: the network is passed in as a callable
     eps_fn(z_t, log_snr, text_emb, text_mask, lowres, aug_log_snr) -> eps_hat
+(or v_hat for a stage trained with prediction="v", which only the demo uses)
 with images (B, H, W, C), log_snr (B,), text_emb (B, L, D), text_mask (B, L) bool.
 Written in the style of VDM / k-diffusion: the paper's symbols are the variable names.
 """

@@ -208,7 +208,8 @@ def restore(mngr, abstract_state, step=None):
     return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
 
 
-SAMPLING_FIELDS = ("guidance", "aug_level", "steps", "sampler", "threshold")
+# the StageConfig fields that are only sampling defaults (imagen.SampleSettings)
+SAMPLING_FIELDS = {f.name for f in dataclasses.fields(imagen.SampleSettings)}
 
 
 def check_config(meta, stage, text_encoder, workdir):
