@@ -30,11 +30,23 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import diffusion
 import imagen
 import train
+import unet
 from unet import make_unet
 
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "peers", "imagen_pytorch_bench.py")
 PEER_PRESET = {("paper", "base"): "base64", ("paper", "sr1"): "sr256", ("paper", "sr2"): "sr1024",
                ("demo", "base"): "tiny", ("demo", "sr1"): "tiny", ("demo", "sr2"): "tiny"}
+
+
+def xla_flops(make_fn, *abstract_args):
+    """FLOPs of make_fn()'s function from XLA's cost analysis of its lowering with XLA attention:
+    the analysis counts a fused cuDNN attention kernel (a custom call) as 0 FLOPs. make_fn builds
+    a fresh function, so that jit's trace cache cannot hand this trace to the timed run."""
+    old, unet.ATTENTION = unet.ATTENTION, "xla"
+    try:
+        return float(jax.jit(make_fn()).lower(*abstract_args).cost_analysis()["flops"])
+    finally:
+        unet.ATTENTION = old
 
 
 def timed(fn, *args, n=5):
@@ -50,9 +62,9 @@ def timed(fn, *args, n=5):
 def matmul_peak(dtype):
     """FLOP/s of a large square matmul in this process: the denominator of MFU."""
     n = 8192 if jax.default_backend() != "cpu" else 2048
-    x = jnp.ones((n, n), dtype)
+    x, y = jax.random.normal(jax.random.PRNGKey(0), (2, n, n), dtype)  # not zeros: they run faster
     f = jax.jit(lambda a, b: a @ b)
-    return 2 * n ** 3 / timed(f, x, x, n=10)
+    return 2 * n ** 3 / timed(f, x, y, n=10)
 
 
 def bench_train(stage, tcfg, batch, text_len, steps):
@@ -67,8 +79,8 @@ def bench_train(stage, tcfg, batch, text_len, steps):
     b = {k: (rng.standard_normal(s.shape).astype(np.float32) if s.dtype == jnp.float32 else
              np.ones(s.shape, bool) if s.dtype == jnp.bool_ else np.arange(s.shape[0], dtype=np.int32))
          for k, s in shapes.items()}
-    compiled = step.lower(jax.eval_shape(lambda: state), shapes).compile()
-    flops = float(compiled.cost_analysis()["flops"]) * jax.device_count()
+    graphdef, abstract = train.abstract_state(stage, tcfg)
+    flops = xla_flops(lambda: train.make_train_step(graphdef, stage, tcfg, 1, 0), abstract, shapes)
     state, loss = step(state, b)  # the first call compiles (cached) and warms up
     jax.block_until_ready(loss)
     compile_s = time.perf_counter() - t
@@ -86,14 +98,15 @@ def bench_sampling_step(stage, batch, text_len):
     """One guided denoising step: the network on [cond; uncond] (2B examples)."""
     graphdef, state = nnx.split(make_unet(stage.unet))
     side = stage.resolution if stage.lowres == 0 else stage.train_size
-    z = jnp.zeros((2 * batch, side, side, 3))
-    emb = jnp.zeros((2 * batch, text_len, stage.unet.text_dim))
+    kz, ke = jax.random.split(jax.random.PRNGKey(0))
+    z = jax.random.normal(kz, (2 * batch, side, side, 3))
+    emb = jax.random.normal(ke, (2 * batch, text_len, stage.unet.text_dim))
     mask = jnp.ones((2 * batch, text_len), bool)
     low = (z, jnp.zeros((2 * batch,))) if stage.lowres else (None, None)
-    fwd = jax.jit(lambda s, z: diffusion.guide(*jnp.split(nnx.merge(graphdef, s)(
-        z, jnp.zeros((2 * batch,)), emb, mask, *low), 2), 5.0))
-    flops = float(fwd.lower(state, z).compile().cost_analysis()["flops"])
-    dt = timed(fwd, state, z)
+    make = lambda: lambda s, z: diffusion.guide(*jnp.split(nnx.merge(graphdef, s)(
+        z, jnp.zeros((2 * batch,)), emb, mask, *low), 2), 5.0)
+    flops = xla_flops(make, state, z)
+    dt = timed(jax.jit(make()), state, z)
     return {"sample_step_s": dt, "sample_tflops": flops / dt / 1e12}
 
 
@@ -134,6 +147,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed train steps")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--remat", action="store_true")
+    p.add_argument("--attention", choices=["xla", "cudnn"], default=None,
+                   help="attention implementation (default: cudnn on GPUs in bf16, else xla)")
+    p.add_argument("--no-sampling", action="store_true", help="skip the sampling-step timing")
     p.add_argument("--cascade", action="store_true", help="also time the whole cascade for one prompt")
     p.add_argument("--compare-peer", action="store_true", help="run the imagen-pytorch benchmark too")
     p.add_argument("--peer-python", default=None,
@@ -146,14 +162,17 @@ def main(argv=None):
     stage = dataclasses.replace(stage, unet=dataclasses.replace(stage.unet, dtype=dtype, remat=a.remat))
     tcfg = train.TRAIN_PRESETS[a.preset][a.stage]
     text_len = stage.text_length
+    unet.ATTENTION = a.attention
     peak = matmul_peak(jnp.dtype(dtype))
     r = {"preset": a.preset, "stage": a.stage, "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
          "dtype": dtype, "params": imagen.count_params(stage), "size": stage.train_size, "batch": a.batch_size,
-         "text_tokens": text_len, "matmul_peak_tflops": peak / 1e12}
+         "text_tokens": text_len, "attention": unet.attention_implementation(jnp.dtype(dtype)),
+         "matmul_peak_tflops": peak / 1e12}
     r.update(bench_train(stage, tcfg, a.batch_size, text_len, a.steps))
     r["mfu"] = r["tflops"] * 1e12 / (peak * jax.device_count())
-    r.update(bench_sampling_step(stage, a.batch_size, text_len))
-    r["sample_mfu"] = r["sample_tflops"] * 1e12 / peak
+    if not a.no_sampling:
+        r.update(bench_sampling_step(stage, a.batch_size, text_len))
+        r["sample_mfu"] = r["sample_tflops"] * 1e12 / peak
     if a.cascade:
         r.update(bench_cascade(a.preset, text_len))
     if a.compare_peer:

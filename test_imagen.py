@@ -388,10 +388,11 @@ TINY_SR1 = U.UNetConfig(arch="efficient", image_size=16, lowres_cond=True, block
 TINY_SR2 = dataclasses.replace(TINY_SR1, block_self_attn=(False, False), block_cross_attn=(False, True))
 
 
-def _call(model, cfg, B=2, size=16, mask=None, key=0):
+def _call(model, cfg, B=2, size=16, mask=None, key=0, pad_value=None):
     k = jax.random.split(jax.random.PRNGKey(key), 4)
     z = jax.random.normal(k[0], (B, size, size, 3))
     txt = jax.random.normal(k[1], (B, 5, cfg.text_dim))
+    txt = txt if pad_value is None else txt.at[:, 3:].set(pad_value)  # the default mask pads 3:
     mask = jnp.ones((B, 5), bool).at[:, 3:].set(False) if mask is None else mask
     lowres = jax.random.normal(k[2], z.shape) if cfg.lowres_cond else None
     aug = jnp.full((B,), 3.0) if cfg.lowres_cond else None
@@ -417,6 +418,8 @@ def test_unet_shapes_finite_and_text_matters(cfg):
     no_text = _call(model, cfg, mask=jnp.zeros((2, 5), bool))  # all-masked text (dropped, §4.1)
     assert bool(jnp.all(jnp.isfinite(no_text)))
     assert not np.allclose(out, no_text)  # the text conditions the output
+    # padded tokens are ignored (attention takes the mask as a key length, see unet.Attention)
+    np.testing.assert_allclose(_call(model, cfg, pad_value=100.0), out, atol=1e-5)
 
 
 def test_efficient_unet_block_order_and_resolutions(monkeypatch):

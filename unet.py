@@ -204,6 +204,19 @@ class ResBlock(nnx.Module):
         return (x + h) * self.skip_scale
 
 
+# Which jax.nn.dot_product_attention runs the U-Nets' attention: None picks cuDNN's fused
+# (flash) attention on GPUs in bf16/fp16 (2.6x XLA's on an H100, issue 8) and XLA elsewhere;
+# "xla" or "cudnn" forces one (bench.py --attention).
+ATTENTION = None
+
+
+def attention_implementation(dtype):
+    if ATTENTION is not None:
+        return ATTENTION
+    fused = jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if fused else "xla"
+
+
 class Attention(nnx.Module):
     """Multi-head attention over the image positions of x (B, H, W, C).
 
@@ -230,15 +243,21 @@ class Attention(nnx.Module):
         split = lambda y: y.reshape(B, -1, self.heads, C // self.heads)
         h = self.norm(x).reshape(B, H * W, C)
         q = split(self.q(h))
-        ks, vs, masks = [], [], []
+        ks, vs, n_keys = [], [], jnp.zeros((B,), jnp.int32)
         if self.self_attn:
             k, v = jnp.split(self.kv(h), 2, axis=-1)
-            ks.append(split(k)), vs.append(split(v)), masks.append(jnp.ones((B, H * W), bool))
+            ks.append(split(k)), vs.append(split(v))
+            n_keys += H * W
         if self.text_kv is not None:
             k, v = jnp.split(self.text_kv(self.text_norm(txt_BLD)), 2, axis=-1)
-            ks.append(split(k)), vs.append(split(v)), masks.append(mask_BL)
-        k, v, mask = (jnp.concatenate(a, axis=1) for a in (ks, vs, masks))
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])
+            ks.append(split(k)), vs.append(split(v))
+            n_keys += mask_BL.sum(axis=1, dtype=jnp.int32)
+        k, v = (jnp.concatenate(a, axis=1) for a in (ks, vs))
+        # Text masks are prefixes (the tokenizer pads at the end; dropped text is all False), so
+        # the keys to attend to are the first n_keys: a length, which cuDNN's fused attention
+        # takes directly. At least one key, so an all-masked text gives finite values.
+        out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=jnp.maximum(n_keys, 1),
+                                           implementation=attention_implementation(q.dtype))
         out = self.o(out.reshape(B, H * W, C))
         if not self.self_attn:  # no text tokens at all: no update (not a mean of masked values)
             out = out * mask_BL.any(axis=1)[:, None, None].astype(out.dtype)
