@@ -40,11 +40,14 @@ PEER_PRESET = {("paper", "base"): "base64", ("paper", "sr1"): "sr256", ("paper",
 
 def xla_flops(make_fn, *abstract_args):
     """FLOPs of make_fn()'s function from XLA's cost analysis of its lowering with XLA attention:
-    the analysis counts a fused cuDNN attention kernel (a custom call) as 0 FLOPs. make_fn builds
-    a fresh function, so that jit's trace cache cannot hand this trace to the timed run."""
+    the analysis counts a fused cuDNN attention kernel (a custom call) as 0 FLOPs. Lowered for
+    the CPU, whose client analyses uncompiled programs (GPU plugins do not). make_fn builds a
+    fresh function, so that jit's trace cache cannot hand this trace to the timed run."""
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abstract_args)
     old, unet.ATTENTION = unet.ATTENTION, "xla"
     try:
-        return float(jax.jit(make_fn()).lower(*abstract_args).cost_analysis()["flops"])
+        return float(jax.jit(make_fn()).lower(*args).cost_analysis()["flops"])
     finally:
         unet.ATTENTION = old
 
