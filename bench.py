@@ -34,6 +34,11 @@ import unet
 from unet import make_unet
 
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "peers", "imagen_pytorch_bench.py")
+# The peer's "tiny" U-Net (imagen_pytorch_bench.py) in our U-Net's terms: widths 64-256, two
+# blocks per level, attention with text at 16, 8 and 4 (of 32), 64-dim heads. --peer-widths
+# puts it in place of the demo base, to compare the frameworks on the same network shape.
+PEER_TINY_UNET = dict(channels=64, channel_mult=(1, 2, 3, 4), num_res_blocks=2, attn_resolutions=(16, 8, 4),
+                      text_cross_attn_res=(16, 8, 4), per_head_channels=64)
 PEER_PRESET = {("paper", "base"): "base64", ("paper", "sr1"): "sr256", ("paper", "sr2"): "sr1024",
                ("demo", "base"): "tiny", ("demo", "sr1"): "tiny", ("demo", "sr2"): "tiny"}
 
@@ -159,12 +164,18 @@ def main(argv=None):
     p.add_argument("--compare-peer", action="store_true", help="run the imagen-pytorch benchmark too")
     p.add_argument("--peer-python", default=None,
                    help="interpreter with torch + imagen-pytorch for the peer (default: this one)")
+    p.add_argument("--peer-widths", action="store_true",
+                   help="demo base only: our U-Net at the widths of the peer's tiny U-Net (PEER_TINY_UNET)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     on_cpu = jax.default_backend() == "cpu"
     dtype = a.dtype or ("float32" if on_cpu else "bfloat16")
     stage = imagen.PRESETS[a.preset][a.stage]
     stage = dataclasses.replace(stage, unet=dataclasses.replace(stage.unet, dtype=dtype, remat=a.remat))
+    if a.peer_widths:
+        if (a.preset, a.stage) != ("demo", "base"):
+            p.error("--peer-widths applies to --preset demo --stage base")
+        stage = dataclasses.replace(stage, unet=dataclasses.replace(stage.unet, **PEER_TINY_UNET))
     tcfg = train.TRAIN_PRESETS[a.preset][a.stage]
     text_len = stage.text_length
     unet.ATTENTION = a.attention

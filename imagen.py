@@ -114,7 +114,12 @@ PRESETS = {
             arch="efficient", image_size=32, lowres_cond=True, block_channels=(32, 64, 64),
             block_res_blocks=(1, 1, 2), block_self_attn=(False, False, False),
             block_cross_attn=(False, False, True), num_heads=4, skip_combine="concat", **_demo_unet),
-            128, 64, 32, "linear", "adam", 0, steps=15, **_demo_stage),
+            # cosine, not F.3's linear schedule: measured (300 updates; 32 held-out captions from
+            # real 64x64 inputs, w = 1, aug 0): linear colour 53% with 15 sampling steps, 62% with
+            # 50, grainy and hue-shifted; cosine 100%. The linear schedule's log-SNR is below -2.5
+            # for half of t (cosine's: below 0), so training and 15 uniform sampling steps spend
+            # little time at the low noise levels where a super-resolution stage draws detail.
+            128, 64, 32, "cosine", "adam", 0, steps=15, **_demo_stage),
     },
 }
 

@@ -791,6 +791,14 @@ def test_bench_prints_valid_json(capsys, monkeypatch):
     assert r["size"] == 32 and r["batch"] == 8 and r["img_per_s"] > 0 and 0 < r["mfu"] < 1.5
 
 
+def test_bench_peer_widths_match_the_peers_tiny_unet():
+    stage = imagen.PRESETS["demo"]["base"]
+    stage = dataclasses.replace(stage, unet=dataclasses.replace(stage.unet, **bench.PEER_TINY_UNET))
+    assert abs(imagen.count_params(stage) / 26.4e6 - 1) < 0.1  # the peer's tiny U-Net: 26.4M
+    with pytest.raises(SystemExit):  # only the demo base has a peer counterpart of that shape
+        bench.main(["--preset", "demo", "--stage", "sr1", "--peer-widths"])
+
+
 def test_shapes_dataset_is_deterministic_and_captions_parse_back():
     a, b = shapes.make_example(3, 17), shapes.make_example(3, 17)
     assert np.array_equal(np.asarray(a[0]), np.asarray(b[0])) and a[1] == b[1]
