@@ -6,8 +6,9 @@
   python sample.py --workdir runs/demo --settings runs/demo/samples/settings.json   # reproduce
 
 Writes OUT/grid.png, OUT/NNNN.png (one per prompt, in order), OUT/settings.json (everything
-needed to reproduce the images exactly). Defaults are the paper's "best samples" settings
-(guidance 5, aug level 0.3, dynamic thresholding p = 99.5: App. D.2, Figs. A.10-A.12);
+needed to reproduce the images exactly). Defaults come from each stage's config: for the paper
+presets, the paper's "best samples" settings (guidance 5, aug level 0.3, dynamic thresholding
+p = 99.5: App. D.2, Figs. A.10-A.12; the demo's differ, see imagen.PRESETS);
 `--preset coco-fid` uses Table 1's w = 1.35 (base) / 8.0 (super-resolution), aug level 0.
 Saharia et al. 2022, §2 (the cascade), §2.2 (guidance), §2.3 (thresholding), §2.4 (aug level).
 """

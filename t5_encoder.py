@@ -269,6 +269,25 @@ def load_t5(name_or_path: str, dtype=jnp.bfloat16, download: bool = False):
 # first colour word back 99% of the time (64 wide, 2 layers: 85%; 256 wide, 2 layers: 95%);
 # random layers mix the bytes of "green" and "orange" (the same letters) into similar features.
 DEMO_T5 = T5Config(vocab_size=384, d_model=256, d_kv=64, d_ff=512, num_layers=1, num_heads=4)
+# Its relative-position bias is drawn with standard deviation 3 (Flax's default draw: ~0.5). T5
+# does not scale its attention logits, so random q.k logits (std ~8) decide where a random layer
+# attends, and its output is nearly a function of the *set* of bytes: "a red circle on the left
+# of a blue square" and "a blue square on the left of a red circle" encode to almost the same
+# set of vectors, and no reader can tell which colour is on the left. With the bias at std 3
+# each head attends by relative offset, so a byte's feature carries its neighbours (which shape
+# a colour belongs to, what precedes "on the left of"). Measured with a probe that reads the
+# embeddings as the U-Net does (learned queries, one cross-attention layer; 600 Adam updates
+# on 4096 position captions, tested on 512 held-out ones): the colour of the left / upper
+# object 61% with the default draw, 99.6% with std 3; 4 layers at the default draw: 44%.
+DEMO_RELATIVE_BIAS_STD = 3.0
+
+
+def demo_t5(dtype=jnp.float32) -> T5Encoder:
+    """The demo's random, frozen text encoder (DEMO_T5); the same weights on every call."""
+    encoder = T5Encoder(DEMO_T5, dtype, nnx.Rngs(0))
+    table = encoder.blocks[0].attn.relative_attention_bias.embedding
+    table.set_value(DEMO_RELATIVE_BIAS_STD * jax.random.normal(jax.random.key(7), table.shape, dtype))
+    return encoder
 
 
 def load_text_encoder(name: str, dtype=jnp.float32):
@@ -276,7 +295,7 @@ def load_text_encoder(name: str, dtype=jnp.float32):
     (a checkpoint directory such as one holding google/t5-v1_1-xxl)."""
     if name == "demo-t5":
         from transformers import ByT5Tokenizer
-        return T5Encoder(DEMO_T5, dtype, nnx.Rngs(0)), ByT5Tokenizer()
+        return demo_t5(dtype), ByT5Tokenizer()
     return load_t5(name, dtype)
 
 

@@ -61,9 +61,8 @@ _demo = TrainConfig(lr=1e-3, warmup_steps=20, decay_steps=3000, end_lr=1e-4, bat
 _demo_sr = dataclasses.replace(_demo, lr=3e-3, batch_size=64, max_aug_level=0.5)
 TRAIN_PRESETS = {  # per preset and stage
     "paper": {"base": TrainConfig(), "sr1": TrainConfig(), "sr2": TrainConfig()},
-    # demo: minutes on a laptop CPU (demo.py sets the step counts). Adafactor's step is relative
-    # to each parameter's scale (optax default), so the base stage takes a larger rate than Adam.
-    "demo": {"base": dataclasses.replace(_demo, lr=1e-2, end_lr=1e-3), "sr1": _demo_sr, "sr2": _demo_sr},
+    # demo: minutes on a laptop CPU (demo.py sets the step counts); its base uses Adam (imagen.py)
+    "demo": {"base": dataclasses.replace(_demo, lr=2e-3, end_lr=2e-4), "sr1": _demo_sr, "sr2": _demo_sr},
 }
 
 
