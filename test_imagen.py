@@ -684,6 +684,17 @@ def test_dry_run_on_8_devices(capsys):
     assert float(rows["FLOPs per step"].split()[0]) > 0
 
 
+def test_train_cli_without_stage_runs_the_demo_into_workdir(monkeypatch, tmp_path):
+    import demo
+    calls = []
+    monkeypatch.setattr(demo, "main", lambda workdir: calls.append(workdir))
+    train.main([])
+    train.main(["--workdir", str(tmp_path)])
+    assert calls == ["runs/demo", str(tmp_path)]
+    with pytest.raises(SystemExit, match="--steps trains one stage: add --stage"):
+        train.main(["--steps", "3"])
+
+
 def test_two_processes_train_like_one(tmp_path):
     """jax.distributed on localhost: 2 processes x 4 CPU devices give the losses of 1 x 8."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")

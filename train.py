@@ -12,7 +12,7 @@ micro-batches inside the step (lax.scan). Every example draws its own noise from
 fold_in(fold_in(seed, step), row), so the losses do not depend on the number of devices,
 hosts or micro-batches, and a resumed run repeats an uninterrupted one.
 
-  python train.py                                  # the demo: all three stages (demo.py)
+  python train.py [--workdir DIR]                  # the demo: all three stages (demo.py), runs/demo
   python train.py --preset paper --stage base --data /laion --text-encoder ckpt/t5-v1_1-xxl
   python train.py --preset paper --stage base --dry-run --devices 256   # check §4.1's setup
 """
@@ -408,8 +408,9 @@ def dry_run(stage, tcfg, grad_accum, seed, text_len, mfu=0.5):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(imagen.PRESETS), default="demo")
-    p.add_argument("--stage", choices=["base", "sr1", "sr2"], default="base")
-    p.add_argument("--workdir", default=None, help="default runs/<preset>-<stage>")
+    p.add_argument("--stage", choices=["base", "sr1", "sr2"], default=None,
+                   help="train one stage; without it, the demo cascade (all three stages + report)")
+    p.add_argument("--workdir", default=None, help="default runs/<preset>-<stage>, or runs/demo")
     p.add_argument("--steps", type=int, default=None, help="total updates (default: the schedule's decay steps)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (paper: 2048)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
@@ -432,10 +433,15 @@ def parse_args(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:  # the README's main job: the demo cascade
-        import demo
-        return demo.main()
     args = parse_args(argv)
+    if args.stage is None:  # the README's main job: the demo cascade, `[--workdir DIR]`
+        defaults = vars(parse_args([]))
+        other = [k for k, v in vars(args).items() if k != "workdir" and v != defaults[k]]
+        if other:
+            raise SystemExit(f"--{other[0].replace('_', '-')} trains one stage: add --stage base|sr1|sr2 "
+                             f"(without --stage, train.py runs the demo cascade and takes only --workdir)")
+        import demo
+        return demo.main(args.workdir or "runs/demo")
     if args.devices:  # must happen before JAX starts its backend
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.devices}")
