@@ -39,6 +39,13 @@ PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", 
 # puts it in place of the demo base, to compare the frameworks on the same network shape.
 PEER_TINY_UNET = dict(channels=64, channel_mult=(1, 2, 3, 4), num_res_blocks=2, attn_resolutions=(16, 8, 4),
                       text_cross_attn_res=(16, 8, 4), per_head_channels=64)
+
+
+def with_peer_widths(stage):
+    """The demo base at the peer's tiny U-Net widths (PEER_TINY_UNET)."""
+    return dataclasses.replace(stage, unet=dataclasses.replace(stage.unet, **PEER_TINY_UNET))
+
+
 PEER_PRESET = {("paper", "base"): "base64", ("paper", "sr1"): "sr256", ("paper", "sr2"): "sr1024",
                ("demo", "base"): "tiny", ("demo", "sr1"): "tiny", ("demo", "sr2"): "tiny"}
 
@@ -175,7 +182,7 @@ def main(argv=None):
     if a.peer_widths:
         if (a.preset, a.stage) != ("demo", "base"):
             p.error("--peer-widths applies to --preset demo --stage base")
-        stage = dataclasses.replace(stage, unet=dataclasses.replace(stage.unet, **PEER_TINY_UNET))
+        stage = with_peer_widths(stage)
     tcfg = train.TRAIN_PRESETS[a.preset][a.stage]
     text_len = stage.text_length
     unet.ATTENTION = a.attention

@@ -825,8 +825,7 @@ def test_bench_prints_valid_json(capsys, monkeypatch):
 
 
 def test_bench_peer_widths_match_the_peers_tiny_unet():
-    stage = imagen.PRESETS["demo"]["base"]
-    stage = dataclasses.replace(stage, unet=dataclasses.replace(stage.unet, **bench.PEER_TINY_UNET))
+    stage = bench.with_peer_widths(imagen.PRESETS["demo"]["base"])
     assert abs(imagen.count_params(stage) / 26.4e6 - 1) < 0.1  # the peer's tiny U-Net: 26.4M
     with pytest.raises(SystemExit):  # only the demo base has a peer counterpart of that shape
         bench.main(["--preset", "demo", "--stage", "sr1", "--peer-widths"])
