@@ -24,6 +24,8 @@ PALETTE = {  # RGB, the README has the same table
 SHAPES = ("circle", "square", "triangle")
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 RELATIONS = ("on the left of", "on the right of", "above", "below")
+OPPOSITE = {"on the left of": "on the right of", "on the right of": "on the left of",
+            "above": "below", "below": "above"}
 KINDS = ("colour", "count", "position")
 
 
@@ -55,6 +57,13 @@ def parse_caption(caption: str) -> dict:
         return {"kind": "colour", "objects": [(words[1], words[2])]}
     n = {v: k for k, v in NUMBERS.items()}[words[0]]
     return {"kind": "count", "objects": [(words[1], words[2].rstrip("s"))] * n}
+
+
+def swap_relation(caption: str) -> str:
+    """A position caption with the opposite relation: "a red circle above a blue square" ->
+    "a red circle below a blue square" (the same objects, the other way round)."""
+    spec = parse_caption(caption)
+    return caption.replace(f" {spec['relation']} ", f" {OPPOSITE[spec['relation']]} ")
 
 
 def random_spec(rng) -> dict:

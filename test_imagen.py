@@ -853,6 +853,15 @@ def test_detector_scores_real_images_near_100_percent():
     for size in (128, 32):
         acc = demo.alignment([img.resize((size, size), Image.BICUBIC) for img, _, _, _ in ex], [c for _, c, _, _ in ex])
         assert all(v >= 0.95 for v, n in acc.values() if n), (size, acc)
+    # the position breakdown: real images in the named relation, none in the opposite one;
+    # under the swapped captions the other way round
+    caps = [c for _, c, _, _ in ex]
+    pb = demo.position_breakdown([img for img, _, _, _ in ex], caps)
+    assert pb["captions"] >= 10 and pb["both_colours"] == 1.0 and (pb["named"], pb["opposite"]) == (1.0, 0.0), pb
+    swapped = [shapes.swap_relation(c) if shapes.parse_caption(c)["kind"] == "position" else c for c in caps]
+    pb = demo.position_breakdown([img for img, _, _, _ in ex], swapped)
+    assert (pb["named"], pb["opposite"]) == (0.0, 1.0), pb
+    assert shapes.swap_relation("a red circle above a blue square") == "a red circle below a blue square"
     # and it is not fooled: a blank image or the wrong colour fails
     blank = Image.new("RGB", (64, 64), "white")
     assert shapes.score(blank, "a red circle")["colour"] is False
@@ -866,7 +875,7 @@ def test_short_demo_end_to_end(tmp_path):
     fast = {k: dataclasses.replace(v, steps=2) for k, v in TINY_STAGES.items()}
     result = demo.main(str(tmp_path), steps, fast, {k: TINY_TRAIN for k in fast}, n_eval=4, n_sweep=2)
     report = (tmp_path / "report.md").read_text()
-    assert "| colour |" in report and "guidance_sweep.png" in report
+    assert "| colour |" in report and "guidance_sweep.png" in report and "Position captions (" in report
     for f in ("samples.png", "guidance_sweep.png", "thresholding.png", "report.json"):
         assert (tmp_path / f).exists()
     assert result["ceiling"]["colour"][0] >= 0.95
