@@ -56,12 +56,12 @@ def position_breakdown(images, captions):
     about the same on both (the real images: 100% and 0%)."""
     both = named = opposite = n = 0
     for img, cap in zip(images, captions):
-        if shapes.parse_caption(cap)["kind"] != "position":
+        spec = shapes.parse_caption(cap)
+        if spec["kind"] != "position":
             continue
         img = Image.fromarray(img) if isinstance(img, np.ndarray) else img
         n += 1
-        colours = {o["colour"] for o in shapes.detect(img)}
-        if not {c for c, _ in shapes.parse_caption(cap)["objects"]} <= colours:
+        if not {c for c, _ in spec["objects"]} <= {o["colour"] for o in shapes.detect(img)}:
             continue
         both += 1
         named += shapes.score(img, cap)["position"]
