@@ -174,7 +174,8 @@ def write_report(workdir, result, settings, stages, train_seconds):
     pb = result["position_breakdown"]
     lines += ["", f"Position captions ({pb['captions']}): both named colours drawn in {pb['both_colours']:.0%}; "
               f"of those, in the named relation {pb['named']:.0%} and in the opposite one {pb['opposite']:.0%} "
-              "(about equal: the colours are put on either side at random)."]
+              "(a model that puts the colours on either side at random scores about equal on both; "
+              "real images 100% and 0%)."]
     lines += ["", "Detector (shapes.detect): pixels with chroma below 60 are background, the others take the "
               "nearest palette colour; 4-connected components of at least 1% of the image are objects. "
               "colour: exactly the caption's colours are present; count: the number of objects of the "
