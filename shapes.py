@@ -7,8 +7,6 @@ triangle) in a palette of six colours. Captions: lower-case English from a small
   colour   "a red circle"
   count    "two blue squares", "three yellow triangles"
   position "a red circle on the left of a blue square" (also right of / above / below)
-Layouts: position scenes place the two objects at 1/4 and 3/4 of the side (+- 1/32); colour
-and count scenes put each shape in its own cell of a 3x3 grid, anywhere within the cell.
 Every example is a pure function of (seed, index): the dataset is deterministic per seed.
 One caption in ten (by a hash of its text) is held out of training and used only for
 evaluation, so the demo's alignment is measured on prompts the model never saw.
@@ -29,9 +27,6 @@ RELATIONS = ("on the left of", "on the right of", "above", "below")
 OPPOSITE = {"on the left of": "on the right of", "on the right of": "on the left of",
             "above": "below", "below": "above"}
 KINDS = ("colour", "count", "position")
-# how often random_spec draws each kind: half the scenes are position scenes, the skill that
-# needs the most examples (README, "The demo"); they also name two colours each
-KIND_WEIGHTS = (1 / 6, 1 / 3, 1 / 2)
 
 
 def _plural(shape, n):
@@ -71,22 +66,8 @@ def swap_relation(caption: str) -> str:
     return caption.replace(f" {spec['relation']} ", f" {OPPOSITE[spec['relation']]} ")
 
 
-def all_captions() -> list[str]:
-    """Every caption of the grammar, in a fixed order: 18 colour, 36 count and 1080 position
-    captions (1134; random_spec draws each of them)."""
-    colours, out = list(PALETTE), []
-    for c in colours:
-        for s in SHAPES:
-            out += [f"a {c} {s}"] + [f"{NUMBERS[n]} {c} {_plural(s, n)}" for n in (2, 3)]
-    for c1 in colours:
-        for c2 in colours:
-            if c1 != c2:
-                out += [f"a {c1} {s1} {rel} a {c2} {s2}" for s1 in SHAPES for s2 in SHAPES for rel in RELATIONS]
-    return out
-
-
 def random_spec(rng) -> dict:
-    kind = KINDS[rng.choice(len(KINDS), p=KIND_WEIGHTS)]
+    kind = KINDS[rng.integers(len(KINDS))]
     colours, shapes = list(PALETTE), list(SHAPES)
     if kind == "colour":
         return {"kind": kind, "objects": [(colours[rng.integers(6)], shapes[rng.integers(3)])]}
@@ -103,15 +84,14 @@ def _boxes(spec, rng, size):
     """Non-overlapping square boxes (x0, y0, side) that satisfy the spec's relation."""
     side = size // 4
     if spec["kind"] == "position":
-        # along the relation's axis the first object's centre is at 1/4 or 3/4 of the side and
-        # the second's at the other; across it both are at 1/2; every coordinate moves by up to
-        # 1/32 of the side. Little jitter, so that the mean image of a caption is sharp and the
-        # 30-minute demo learns which colour goes on which side (README, "The demo": with the
-        # first colour anywhere in its half the base did not learn it in the demo's budget)
-        rel, j = spec["relation"], size // 32
-        near, far, mid = size // 4 - side // 2, 3 * size // 4 - side // 2, size // 2 - side // 2
-        a, b = (near, far) if rel in ("on the left of", "above") else (far, near)
-        a, b, u, v = (c + int(rng.integers(-j, j + 1)) for c in (a, b, mid, mid))
+        # along the relation's axis the first object is in one half and the second in the
+        # other; across it they are within half a side of each other
+        rel = spec["relation"]
+        lo = rng.integers(0, size // 2 - side + 1)
+        hi = rng.integers(size // 2, size - side + 1)
+        u = rng.integers(0, size - side + 1)
+        v = int(np.clip(u + rng.integers(-side // 2, side // 2 + 1), 0, size - side))
+        a, b = (lo, hi) if rel in ("on the left of", "above") else (hi, lo)
         if rel in ("on the left of", "on the right of"):
             return [(a, u, side), (b, v, side)]
         return [(u, a, side), (v, b, side)]
