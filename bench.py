@@ -35,10 +35,10 @@ from unet import make_unet
 
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "peers", "imagen_pytorch_bench.py")
 # The peer's "tiny" U-Net (imagen_pytorch_bench.py) in our U-Net's terms: widths 64-256, two
-# blocks per level, attention with text at 16, 8 and 4 (of 32), 64-dim heads. --peer-widths
-# puts it in place of the demo base, to compare the frameworks on the same network shape.
+# blocks per level, attention with text at 16, 8 and 4 (of 32), 64-dim heads, no patch.
+# --peer-widths puts it in place of the demo base, to compare the frameworks on the same shape.
 PEER_TINY_UNET = dict(channels=64, channel_mult=(1, 2, 3, 4), num_res_blocks=2, attn_resolutions=(16, 8, 4),
-                      text_cross_attn_res=(16, 8, 4), per_head_channels=64)
+                      text_cross_attn_res=(16, 8, 4), per_head_channels=64, patch_size=1, resblock_updown=True)
 
 
 def with_peer_widths(stage):

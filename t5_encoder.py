@@ -282,11 +282,52 @@ DEMO_T5 = T5Config(vocab_size=384, d_model=256, d_kv=64, d_ff=512, num_layers=1,
 DEMO_RELATIVE_BIAS_STD = 3.0
 
 
-def demo_t5(dtype=jnp.float32) -> T5Encoder:
-    """The demo's random, frozen text encoder (DEMO_T5); the same weights on every call."""
-    encoder = T5Encoder(DEMO_T5, dtype, nnx.Rngs(0))
+# Its output is whitened (demo only): (x - mean) @ W with W = V diag(lambda + eps)^-1/2 V^T
+# from the eigendecomposition of the token features' covariance over the grammar's training
+# captions (shapes.all_captions, held-out ones excluded), eps = 1e-3 of the largest eigenvalue.
+# A random layer's features are dominated by the identity of each byte: the top 8 of the 256
+# directions hold 50% of the variance (largest / smallest eigenvalue 7.7e3; whitened: 8.6).
+# What a colour word's neighbours add (which side it goes on) lies in the weak directions: a
+# linear probe on the mean-pooled embeddings reads the colour of the left / upper object from
+# the principal components above 1e-2 of the top eigenvalue 64% of the time, from those above
+# 1e-3 95%, from all 99% (held-out position captions); gradient descent learns a direction at a
+# speed proportional to its variance. Measured in the position-only diagnostic (README, "the
+# binding"; 600 updates, log-SNR -3): the first colour's offset towards the named side was
+# +1.3 pixels unwhitened and +10.8 whitened (real images +16; 63% -> 91% of captions on the
+# right side). A trained T5's features need no such step; the paper presets do not have it.
+DEMO_WHITENING_EPS = 1e-3
+
+
+class WhitenedT5Encoder(T5Encoder):
+    """A T5Encoder followed by a fixed affine map of each token's features,
+    (x - white_mean) @ white_matrix (the demo encoder's whitening; frozen, not an nnx.Param)."""
+
+    def __init__(self, cfg: T5Config, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        super().__init__(cfg, dtype, rngs)
+        self.white_mean = nnx.Variable(jnp.zeros((cfg.d_model,), jnp.float32))
+        self.white_matrix = nnx.Variable(jnp.eye(cfg.d_model, dtype=jnp.float32))
+
+    def __call__(self, ids_BL, mask_BL):
+        x = super().__call__(ids_BL, mask_BL).astype(jnp.float32)
+        return (x - self.white_mean[...]) @ self.white_matrix[...]
+
+
+def demo_t5(dtype=jnp.float32) -> WhitenedT5Encoder:
+    """The demo's random, frozen text encoder (DEMO_T5, whitened); the same weights on every
+    call. Fitting the whitening encodes the grammar's ~1000 training captions (about a second)."""
+    import shapes  # the demo's dataset: its captions give the whitening statistics
+    from transformers import ByT5Tokenizer
+
+    encoder = WhitenedT5Encoder(DEMO_T5, dtype, nnx.Rngs(0))
     table = encoder.blocks[0].attn.relative_attention_bias.embedding
     table.set_value(DEMO_RELATIVE_BIAS_STD * jax.random.normal(jax.random.key(7), table.shape, dtype))
+    captions = [c for c in shapes.all_captions() if not shapes.is_heldout(c)]
+    emb, mask = encode(encoder, ByT5Tokenizer(), captions, 64)  # the identity map so far
+    x = np.asarray(emb, np.float64)[mask]
+    lam, V = np.linalg.eigh(np.cov(x.T))
+    W = (V / np.sqrt(lam + DEMO_WHITENING_EPS * lam.max())) @ V.T
+    encoder.white_mean.set_value(jnp.asarray(x.mean(0), jnp.float32))
+    encoder.white_matrix.set_value(jnp.asarray(W, jnp.float32))
     return encoder
 
 

@@ -5,6 +5,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8, set below before JAX is impo
 """
 
 import json
+import math
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -381,7 +382,14 @@ def test_demo_t5_encodes_which_colour_comes_first():
         a, b = np.asarray(emb)[0][mask[0]], np.asarray(emb)[1][mask[1]]
         return np.linalg.norm(a[:, None] - b[None], axis=-1).min(1).mean() / np.linalg.norm(a, axis=-1).mean()
 
-    assert order_signal(enc) > 0.3 > 2 * order_signal(default_draw)  # measured 0.41 vs 0.13
+    assert order_signal(enc) > 0.3 > 2 * order_signal(default_draw)  # measured 0.80 vs 0.13
+    # whitened (t5_encoder.DEMO_WHITENING_EPS): over the training captions the token features
+    # have ~zero mean and a covariance whose eigenvalues lie within a factor ~10 (unwhitened 7.7e3)
+    caps = [c for c in shapes.all_captions() if not shapes.is_heldout(c)]
+    emb, mask = T5.encode(enc, tok, caps, 64)
+    x = np.asarray(emb, np.float64)[mask]
+    lam = np.linalg.eigvalsh(np.cov(x.T))
+    assert np.abs(x.mean(0)).max() < 1e-3 and lam.max() < 1.0 and lam.max() / lam.min() < 20
     # deterministic: the same weights on every call
     again, _ = T5.load_text_encoder("demo-t5")
     np.testing.assert_array_equal(T5.encode(enc, tok, pair, 64)[0], T5.encode(again, tok, pair, 64)[0])
@@ -424,8 +432,9 @@ _jit_call = nnx.jit(lambda model, *args: model(*args))
 
 @pytest.mark.parametrize("cfg", [TINY_BASE, TINY_SR1, TINY_SR2,
                                  dataclasses.replace(TINY_BASE, feature_pooling="mean", text_cross_attn=False),
-                                 dataclasses.replace(TINY_SR1, skip_combine="add", text_cond_dim=6)],
-                         ids=["base", "sr1", "sr2", "base-meanpool-notext", "sr1-add-textproj"])
+                                 dataclasses.replace(TINY_SR1, skip_combine="add", text_cond_dim=6),
+                                 dataclasses.replace(TINY_BASE, patch_size=2, resblock_updown=False)],
+                         ids=["base", "sr1", "sr2", "base-meanpool-notext", "sr1-add-textproj", "base-patch-pool"])
 def test_unet_shapes_finite_and_text_matters(cfg):
     model = U.make_unet(cfg)
     # zero-initialised output convs make eps_hat = 0 at init; perturb so text can show up
@@ -440,6 +449,24 @@ def test_unet_shapes_finite_and_text_matters(cfg):
     assert not np.allclose(out, no_text)  # the text conditions the output
     # padded tokens are ignored (attention takes the mask as a key length, see unet.Attention)
     np.testing.assert_allclose(_call(model, cfg, pad_value=100.0), out, atol=1e-5)
+
+
+def test_patch_and_parameter_free_resampling():
+    x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+    s = U.space_to_depth(x, 2)
+    assert s.shape == (2, 2, 3, 12)
+    np.testing.assert_array_equal(s[1, 1, 2], x[1, 2:4, 4:6].reshape(-1))  # one 2x2 patch
+    np.testing.assert_array_equal(U.depth_to_space(s, 2), x)
+    np.testing.assert_array_equal(U.resample(x, "down")[0, 0, 0], x[0, :2, :2].mean((0, 1)))
+    np.testing.assert_array_equal(U.resample(x, "up")[:, ::2, ::2], x)
+    # no parameters in the resampling, fewer input channels in conv_in's place
+    pool = dataclasses.replace(TINY_BASE, resblock_updown=False)
+    model = nnx.eval_shape(lambda: U.UNet(pool, nnx.Rngs(0)))
+    assert isinstance(model.down[1][0], U.Resample) and isinstance(model.up[1][-1], U.Resample)
+    n_params = lambda m: sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
+    assert n_params(model) < n_params(nnx.eval_shape(lambda: U.UNet(TINY_BASE, nnx.Rngs(0))))
+    patched = nnx.eval_shape(lambda: U.UNet(dataclasses.replace(TINY_BASE, patch_size=2), nnx.Rngs(0)))
+    assert patched.conv_in.kernel.shape[2] == 12 and patched.conv_out.kernel.shape[3] == 12
 
 
 def test_efficient_unet_block_order_and_resolutions(monkeypatch):
@@ -835,12 +862,23 @@ def test_shapes_dataset_is_deterministic_and_captions_parse_back():
     a, b = shapes.make_example(3, 17), shapes.make_example(3, 17)
     assert np.array_equal(np.asarray(a[0]), np.asarray(b[0])) and a[1] == b[1]
     assert shapes.make_example(4, 17)[1] != a[1] or not np.array_equal(np.asarray(shapes.make_example(4, 17)[0]), np.asarray(a[0]))
-    kinds = set()
+    kinds, grammar = set(), shapes.all_captions()
+    assert len(grammar) == len(set(grammar)) == 18 + 36 + 1080
+    assert all(shapes.caption_of(shapes.parse_caption(c)) == c for c in grammar)
     for i in range(200):
         img, cap, spec, boxes = shapes.make_example(0, i)
-        assert shapes.parse_caption(cap) == spec and not shapes.is_heldout(cap)
+        assert shapes.parse_caption(cap) == spec and not shapes.is_heldout(cap) and cap in grammar
         kinds.add(spec["kind"])
-        # what was drawn: the boxes do not overlap
+        # what was drawn: the kind's template (a row across the middle; the relation's axis at
+        # 1/4 and 3/4), moved by at most 1/32 of the side, and the boxes do not overlap
+        centres = [((x + s / 2) / 128, (y + s / 2) / 128) for x, y, s in boxes]
+        rel = spec.get("relation")
+        if rel in ("above", "below"):
+            centres = [(cy, cx) for cx, cy in centres]
+        assert all(abs(cy - 0.5) <= 1 / 32 for _, cy in centres), (cap, centres)
+        if rel:
+            first, second = (0.25, 0.75) if rel in ("on the left of", "above") else (0.75, 0.25)
+            assert abs(centres[0][0] - first) <= 1 / 32 and abs(centres[1][0] - second) <= 1 / 32, (cap, centres)
         for j, (x, y, s) in enumerate(boxes):
             for (x2, y2, s2) in boxes[j + 1:]:
                 assert x + s <= x2 or x2 + s2 <= x or y + s <= y2 or y2 + s2 <= y

@@ -58,6 +58,12 @@ class UNetConfig:
     dropout: float = 0.0  # F.1-F.3: 0 for every stage; other values are refused (not built)
     emb_mult: int = 4  # paper: not specified; time-embedding width = 4 x first channels (ADM)
     norm_groups: int = 32  # paper: not specified; GroupNorm(32) as in ADM
+    # Not the paper's (F.1 has BigGAN blocks at full resolution), demo base only: patch_size p > 1
+    # folds p x p pixels into channels before conv_in and back after conv_out (space-to-depth), so
+    # the first level runs at 1/p of the side; resblock_updown False resamples between levels
+    # without parameters (2x2 average pool, nearest 2x) instead of with residual blocks.
+    patch_size: int = 1
+    resblock_updown: bool = True
     dtype: str = "float32"  # compute dtype; "bfloat16" on accelerators
     remat: bool = False  # rematerialise residual blocks in the backward pass (memory)
 
@@ -167,6 +173,38 @@ class TextPooling(nnx.Module):
         return self.proj(mean) * has_text
 
 
+def resample(x, kind):
+    """x (B, H, W, C) -> "down": 2x2 average pool, "up": nearest 2x, None: x."""
+    B, H, W, C = x.shape
+    if kind == "down":
+        return x.reshape(B, H // 2, 2, W // 2, 2, C).mean(axis=(2, 4))
+    if kind == "up":
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return x
+
+
+def space_to_depth(x, p):
+    """(B, H, W, C) -> (B, H/p, W/p, p*p*C): each p x p patch becomes one position's channels."""
+    B, H, W, C = x.shape
+    return x.reshape(B, H // p, p, W // p, p, C).transpose(0, 1, 3, 2, 4, 5).reshape(B, H // p, W // p, p * p * C)
+
+
+def depth_to_space(x, p):
+    """The inverse of space_to_depth."""
+    B, H, W, C = x.shape
+    return x.reshape(B, H, W, p, p, C // (p * p)).transpose(0, 1, 3, 2, 4, 5).reshape(B, H * p, W * p, C // (p * p))
+
+
+class Resample(nnx.Module):
+    """Parameter-free resampling between levels (resblock_updown False), called like a ResBlock."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def __call__(self, x, emb):
+        return resample(x, self.kind)
+
+
 class ResBlock(nnx.Module):
     """ADM residual block (GroupNorm, SiLU, conv3x3, GroupNorm with scale-shift from the
     conditioning embedding, SiLU, conv3x3; no dropout: 0 in every stage, App. F) with an optional BigGAN-style resample
@@ -181,17 +219,9 @@ class ResBlock(nnx.Module):
         self.shortcut = conv(i, o, rngs, dt, k=1) if i != o else None
         self.resample, self.skip_scale, self.scale_shift = resample, skip_scale, cfg.use_scale_shift_norm
 
-    def _resample(self, x):
-        B, H, W, C = x.shape
-        if self.resample == "down":
-            return x.reshape(B, H // 2, 2, W // 2, 2, C).mean(axis=(2, 4))
-        if self.resample == "up":
-            return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return x
-
     def __call__(self, x, emb):
         h = jax.nn.silu(self.norm1(x))
-        h, x = self._resample(h), self._resample(x)
+        h, x = resample(h, self.resample), resample(x, self.resample)
         h = self.conv1(h)
         e = self.emb(jax.nn.silu(emb))[:, None, None, :]
         if self.scale_shift:
@@ -316,7 +346,8 @@ class UNet(nnx.Module):
         emb_dim = cfg.emb_mult * ch
         self.cond = Conditioning(ch, emb_dim, cfg, rngs)
         in_ch = cfg.in_channels * (2 if cfg.lowres_cond else 1)
-        self.conv_in = conv(in_ch, ch, rngs, dt)
+        p = cfg.patch_size
+        self.conv_in = conv(in_ch * p * p, ch, rngs, dt)
 
         def attn(c, res):
             if res not in cfg.attn_resolutions:
@@ -325,14 +356,15 @@ class UNet(nnx.Module):
             return Attention(c, c // cfg.per_head_channels, text, True, cfg, rngs)
 
         # down path: (ResBlock, Attention | None) pairs, then a down-sampling ResBlock per level
-        self.down, skip_ch, c, res = nnx.List(), [ch], ch, cfg.image_size
+        updown = lambda c, kind: ResBlock(c, c, emb_dim, cfg, rngs, kind) if cfg.resblock_updown else Resample(kind)
+        self.down, skip_ch, c, res = nnx.List(), [ch], ch, cfg.image_size // p
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
                 self.down.append(nnx.List([ResBlock(c, mult * ch, emb_dim, cfg, rngs), attn(mult * ch, res)]))
                 c = mult * ch
                 skip_ch.append(c)
             if level < len(cfg.channel_mult) - 1:
-                self.down.append(nnx.List([ResBlock(c, c, emb_dim, cfg, rngs, "down"), None]))
+                self.down.append(nnx.List([updown(c, "down"), None]))
                 skip_ch.append(c)
                 res //= 2
         self.mid = nnx.List([ResBlock(c, c, emb_dim, cfg, rngs), Attention(c, c // cfg.per_head_channels,
@@ -345,11 +377,11 @@ class UNet(nnx.Module):
                 blocks = [ResBlock(c + skip_ch.pop(), mult * ch, emb_dim, cfg, rngs), attn(mult * ch, res)]
                 c = mult * ch
                 if level and i == cfg.num_res_blocks:
-                    blocks.append(ResBlock(c, c, emb_dim, cfg, rngs, "up"))
+                    blocks.append(updown(c, "up"))
                     res *= 2
                 self.up.append(nnx.List(blocks))
         self.norm_out = GroupNorm(c, cfg.norm_groups, dt)
-        self.conv_out = conv(c, cfg.in_channels, rngs, dt)
+        self.conv_out = conv(c, cfg.in_channels * p * p, rngs, dt)
 
     def __call__(self, z_t, log_snr, text_emb, text_mask, lowres=None, aug_log_snr=None):
         cfg = self.cfg
@@ -358,7 +390,7 @@ class UNet(nnx.Module):
         txt = text_emb.astype(dt)
         emb, txt = self.cond(log_snr, txt, text_mask, aug_log_snr)
         x = jnp.concatenate([z_t, lowres], -1) if cfg.lowres_cond else z_t
-        h = self.conv_in(x.astype(dt))  # (B, H, W, ch)
+        h = self.conv_in(space_to_depth(x, cfg.patch_size).astype(dt))  # (B, H/p, W/p, ch)
         hs = [h]
         for res_block, attn in self.down:
             h = _maybe_remat(cfg, res_block, h, emb)
@@ -371,7 +403,7 @@ class UNet(nnx.Module):
             h = _maybe_remat(cfg, res_block, jnp.concatenate([h, hs.pop()], -1), emb)
             h = attn(h, txt, text_mask) if attn is not None else h
             h = _maybe_remat(cfg, upsample[0], h, emb) if upsample else h
-        eps_hat = self.conv_out(jax.nn.silu(self.norm_out(h)))
+        eps_hat = depth_to_space(self.conv_out(jax.nn.silu(self.norm_out(h))), cfg.patch_size)
         assert eps_hat.shape == z_t.shape
         return eps_hat.astype(jnp.float32)
 
