@@ -314,21 +314,32 @@ class WhitenedT5Encoder(T5Encoder):
 
 def demo_t5(dtype=jnp.float32) -> WhitenedT5Encoder:
     """The demo's random, frozen text encoder (DEMO_T5, whitened); the same weights on every
-    call. Fitting the whitening encodes the grammar's ~1000 training captions (about a second)."""
-    import shapes  # the demo's dataset: its captions give the whitening statistics
-    from transformers import ByT5Tokenizer
-
+    call."""
     encoder = WhitenedT5Encoder(DEMO_T5, dtype, nnx.Rngs(0))
     table = encoder.blocks[0].attn.relative_attention_bias.embedding
     table.set_value(DEMO_RELATIVE_BIAS_STD * jax.random.normal(jax.random.key(7), table.shape, dtype))
-    captions = [c for c in shapes.all_captions() if not shapes.is_heldout(c)]
-    emb, mask = encode(encoder, ByT5Tokenizer(), captions, 64)  # the identity map so far
-    x = np.asarray(emb, np.float64)[mask]
-    lam, V = np.linalg.eigh(np.cov(x.T))
-    W = (V / np.sqrt(lam + DEMO_WHITENING_EPS * lam.max())) @ V.T
-    encoder.white_mean.set_value(jnp.asarray(x.mean(0), jnp.float32))
+    mean, W = _demo_whitening(encoder, dtype)
+    encoder.white_mean.set_value(jnp.asarray(mean, jnp.float32))
     encoder.white_matrix.set_value(jnp.asarray(W, jnp.float32))
     return encoder
+
+
+_WHITENING = {}  # dtype -> (mean, W): fitted once per process, as every call has the same weights
+
+
+def _demo_whitening(encoder, dtype):
+    """The whitening's statistics from the (still unwhitened) demo encoder's token features on
+    the grammar's ~1000 training captions (about a second to encode)."""
+    if dtype not in _WHITENING:
+        import shapes  # the demo's dataset: its captions give the whitening statistics
+        from transformers import ByT5Tokenizer
+
+        captions = [c for c in shapes.all_captions() if not shapes.is_heldout(c)]
+        emb, mask = encode(encoder, ByT5Tokenizer(), captions, 64)  # the identity map so far
+        x = np.asarray(emb, np.float64)[mask]
+        lam, V = np.linalg.eigh(np.cov(x.T))
+        _WHITENING[dtype] = x.mean(0), (V / np.sqrt(lam + DEMO_WHITENING_EPS * lam.max())) @ V.T
+    return _WHITENING[dtype]
 
 
 def load_text_encoder(name: str, dtype=jnp.float32):
