@@ -4,7 +4,7 @@ well an image matches its caption (colour, count, position), like DrawBench's sk
 
 Images: white background, one to three non-overlapping solid shapes (circle, square,
 triangle) in a palette of six colours. Captions: lower-case English from a small grammar:
-  colour   "a red circle"
+  colour   "a red circle", "an orange square"
   count    "two blue squares", "three yellow triangles"
   position "a red circle on the left of a blue square" (also right of / above / below)
 Layouts are near-fixed templates (every coordinate +- 1/32 of the side): position scenes
@@ -39,16 +39,21 @@ def _plural(shape, n):
     return shape if n == 1 else shape + "s"
 
 
+def _a(colour, shape):
+    """ "a red circle", "an orange square": the article the colour word takes."""
+    return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}"
+
+
 def caption_of(spec) -> str:
     """A scene spec -> its caption (the grammar of the module docstring)."""
     if spec["kind"] == "colour":
         (c, s), = spec["objects"]
-        return f"a {c} {s}"
+        return _a(c, s)
     if spec["kind"] == "count":
         c, s = spec["objects"][0]
         return f"{NUMBERS[len(spec['objects'])]} {c} {_plural(s, len(spec['objects']))}"
     (c1, s1), (c2, s2) = spec["objects"]
-    return f"a {c1} {s1} {spec['relation']} a {c2} {s2}"
+    return f"{_a(c1, s1)} {spec['relation']} {_a(c2, s2)}"
 
 
 def parse_caption(caption: str) -> dict:
@@ -59,7 +64,7 @@ def parse_caption(caption: str) -> dict:
             left, right = caption.split(f" {rel} ")
             (_, c1, s1), (_, c2, s2) = left.split(), right.split()
             return {"kind": "position", "objects": [(c1, s1), (c2, s2)], "relation": rel}
-    if words[0] == "a":
+    if words[0] in ("a", "an"):
         return {"kind": "colour", "objects": [(words[1], words[2])]}
     n = {v: k for k, v in NUMBERS.items()}[words[0]]
     return {"kind": "count", "objects": [(words[1], words[2].rstrip("s"))] * n}
@@ -78,11 +83,11 @@ def all_captions() -> list[str]:
     colours, out = list(PALETTE), []
     for c in colours:
         for s in SHAPES:
-            out += [f"a {c} {s}"] + [f"{NUMBERS[n]} {c} {_plural(s, n)}" for n in (2, 3)]
+            out += [_a(c, s)] + [f"{NUMBERS[n]} {c} {_plural(s, n)}" for n in (2, 3)]
     for c1 in colours:
         for c2 in colours:
             if c1 != c2:
-                out += [f"a {c1} {s1} {rel} a {c2} {s2}" for s1 in SHAPES for s2 in SHAPES for rel in RELATIONS]
+                out += [f"{_a(c1, s1)} {rel} {_a(c2, s2)}" for s1 in SHAPES for s2 in SHAPES for rel in RELATIONS]
     return out
 
 
@@ -182,13 +187,17 @@ def _components(mask):
 def detect(image) -> list[dict]:
     """Objects in an image: a pixel with chroma (max - min channel) below 60 is background
     (white, or the grey / tinted backgrounds of imperfect samples: every palette colour has
-    chroma >= 110); every other pixel goes to the nearest palette colour; connected
+    chroma >= 110); every other pixel goes to the palette colour whose line from white passes
+    nearest to it (an edge pixel is a shape's colour blended with the white background: half
+    orange and half white is nearer to yellow than to orange, but on orange's line); connected
     components of at least 1% of the image are objects, with a colour, a centroid and a shape
     guessed from how much of its bounding box it fills (square ~1, circle ~0.79, triangle ~0.5)."""
-    x = np.asarray(image.convert("RGB"), np.float32)
+    x = np.asarray(image.convert("RGB"), np.float32) - 255.0  # relative to white
     H, W, _ = x.shape
-    refs = np.array(list(PALETTE.values()), np.float32)
-    label = np.argmin(((x[:, :, None, :] - refs) ** 2).sum(-1), axis=-1) + 1
+    d = np.array(list(PALETTE.values()), np.float32) - 255.0  # white -> each palette colour
+    a = np.maximum((x @ d.T) / (d * d).sum(-1), 0)  # how far along each line (1 = the colour)
+    label = np.argmin(((x[:, :, None, :] - a[..., None] * d) ** 2).sum(-1), axis=-1) + 1
+    x += 255.0
     label[x.max(-1) - x.min(-1) < 60] = 0  # 0 = background
     objects = []
     for k, name in enumerate(PALETTE, start=1):
