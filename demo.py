@@ -14,6 +14,7 @@ loads real T5 checkpoints). Then it writes WORKDIR/report.md:
   - none / static / dynamic thresholding at a high guidance weight side by side (Fig. A.10).
 """
 
+import collections
 import dataclasses
 import json
 import os
@@ -47,6 +48,19 @@ def alignment(images, captions):
             if v is not None:
                 hits[k].append(bool(v))
     return {k: (float(np.mean(v)) if v else float("nan"), len(v)) for k, v in hits.items()}
+
+
+def misses(images, captions):
+    """The samples that fail a skill: [{"caption", "failed": [skills], "drawn": "2 orange, 1 red"}]."""
+    out = []
+    for img, cap in zip(images, captions):
+        img = Image.fromarray(img) if isinstance(img, np.ndarray) else img
+        failed = [k for k, v in shapes.score(img, cap).items() if v is False]
+        if failed:
+            drawn = collections.Counter(o["colour"] for o in shapes.detect(img))
+            out.append({"caption": cap, "failed": failed,
+                        "drawn": ", ".join(f"{n} {c}" for c, n in sorted(drawn.items())) or "nothing"})
+    return out
 
 
 def position_breakdown(images, captions):
@@ -122,6 +136,7 @@ def evaluate(workdir, n_eval=64, n_sweep=32, batch_size=32, seed=0):
     result = {"cascade": alignment(samples, captions),
               "ceiling": alignment([img for img, _, _, _ in examples], captions),
               "position_breakdown": position_breakdown(samples, captions),
+              "misses": misses(samples, captions),
               "purity": purity(samples), "purity_real": purity(np.stack([np.asarray(e[0]) for e in examples])),
               "seconds_sampling": t_cascade}
     grid(samples[:16], cols=8).save(os.path.join(workdir, "samples.png"))
@@ -177,10 +192,14 @@ def write_report(workdir, result, settings, stages, train_seconds):
               "(a model that puts the colours on either side at random scores about equal on both; "
               "real images 100% and 0%)."]
     lines += ["", "Detector (shapes.detect): pixels with chroma below 60 are background, the others take the "
-              "nearest palette colour; 4-connected components of at least 1% of the image are objects. "
+              "palette colour whose line from white passes nearest (so edges blended with the white "
+              "background keep their shape's colour); 4-connected components of at least 1% of the image are objects. "
               "colour: exactly the caption's colours are present; count: the number of objects of the "
               "caption's colour; position: the centroids of the two largest objects of the two colours.",
-              "", f"Fidelity proxy (palette purity): samples {result['purity']:.3f}, real images {result['purity_real']:.3f}.",
+              "", f"Samples that miss a skill ({len(result['misses'])} of {c['colour'][1]}; objects as the "
+              "detector sees them):", "", "| caption | missed | drawn |", "| --- | --- | --- |"]
+    lines += [f"| {m['caption']} | {', '.join(m['failed'])} | {m['drawn']} |" for m in result["misses"]]
+    lines += ["", f"Fidelity proxy (palette purity): samples {result['purity']:.3f}, real images {result['purity_real']:.3f}.",
               "", "![samples](samples.png)", "", "(captions in samples.txt)", "",
               "## Guidance sweep (base stage, 32x32), like Fig. 4", "",
               "| w | alignment | colour | count | position | purity |", "| --- | --- | --- | --- | --- | --- |"]

@@ -920,6 +920,9 @@ def test_detector_scores_real_images_near_100_percent():
     # and it is not fooled: a blank image or the wrong colour fails
     blank = Image.new("RGB", (64, 64), "white")
     assert shapes.score(blank, "a red circle")["colour"] is False
+    assert demo.misses([img for img, _, _, _ in ex], caps) == []
+    assert demo.misses([blank], ["two red circles"]) == [
+        {"caption": "two red circles", "failed": ["colour", "count"], "drawn": "nothing"}]
     # an edge pixel, half orange and half white, is nearer to yellow than to orange in RGB but
     # lies on orange's line from white (shapes.detect)
     edge = Image.new("RGB", (8, 8), tuple((np.array(shapes.PALETTE["orange"]) + 255) // 2))
