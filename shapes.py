@@ -197,8 +197,7 @@ def detect(image) -> list[dict]:
     d = np.array(list(PALETTE.values()), np.float32) - 255.0  # white -> each palette colour
     a = np.maximum((x @ d.T) / (d * d).sum(-1), 0)  # how far along each line (1 = the colour)
     label = np.argmin(((x[:, :, None, :] - a[..., None] * d) ** 2).sum(-1), axis=-1) + 1
-    x += 255.0
-    label[x.max(-1) - x.min(-1) < 60] = 0  # 0 = background
+    label[x.max(-1) - x.min(-1) < 60] = 0  # 0 = background (chroma is the same relative to white)
     objects = []
     for k, name in enumerate(PALETTE, start=1):
         for pix in _components(label == k):
