@@ -395,7 +395,6 @@ def test_demo_t5_encodes_which_colour_comes_first():
     np.testing.assert_array_equal(T5.encode(enc, tok, pair, 64)[0], T5.encode(again, tok, pair, 64)[0])
 
 
-
 def test_demo_t5_colour_words_agree_across_captions():
     # 16 heads of 16, not 4 of 64 (t5_encoder.DEMO_T5): over the training count captions, each
     # colour word's feature (mean over its bytes) lies nearest to the same colour's word in
@@ -411,6 +410,7 @@ def test_demo_t5_colour_words_agree_across_captions():
     f /= np.linalg.norm(f, axis=1, keepdims=True)
     sim = f @ f.T - 2 * np.eye(len(caps))
     assert [colours[j] for j in sim.argmax(1)] == colours
+
 
 # =============================================================================================
 # unet.py and the stage configs of imagen.py
