@@ -450,8 +450,10 @@ _jit_call = nnx.jit(lambda model, *args: model(*args))
 @pytest.mark.parametrize("cfg", [TINY_BASE, TINY_SR1, TINY_SR2,
                                  dataclasses.replace(TINY_BASE, feature_pooling="mean", text_cross_attn=False),
                                  dataclasses.replace(TINY_SR1, skip_combine="add", text_cond_dim=6),
-                                 dataclasses.replace(TINY_BASE, patch_size=2, resblock_updown=False)],
-                         ids=["base", "sr1", "sr2", "base-meanpool-notext", "sr1-add-textproj", "base-patch-pool"])
+                                 dataclasses.replace(TINY_BASE, patch_size=2, resblock_updown=False),
+                                 dataclasses.replace(TINY_BASE, text_cross_attn_res=(16, 8))],
+                         ids=["base", "sr1", "sr2", "base-meanpool-notext", "sr1-add-textproj", "base-patch-pool",
+                              "base-text-only-16"])
 def test_unet_shapes_finite_and_text_matters(cfg):
     model = U.make_unet(cfg)
     # zero-initialised output convs make eps_hat = 0 at init; perturb so text can show up
@@ -466,6 +468,26 @@ def test_unet_shapes_finite_and_text_matters(cfg):
     assert not np.allclose(out, no_text)  # the text conditions the output
     # padded tokens are ignored (attention takes the mask as a key length, see unet.Attention)
     np.testing.assert_allclose(_call(model, cfg, pad_value=100.0), out, atol=1e-5)
+
+
+def test_text_only_attention_where_the_base_has_no_self_attention():
+    # text_cross_attn_res beyond attn_resolutions (the demo base's 16x16): attention to the
+    # text alone there, self-attention + text where both are listed
+    cfg = dataclasses.replace(TINY_BASE, text_cross_attn_res=(16, 8))
+    model = U.make_unet(cfg)
+    at16 = [model.down[0][1]] + [blocks[1] for blocks in model.up[2:]]  # level 0 runs at 16x16
+    assert all(not a.self_attn and a.kv is None and a.text_kv is not None for a in at16)
+    assert model.down[2][1].self_attn and model.down[2][1].text_kv is not None  # 8x8
+    assert model.up[0][1].self_attn and U.UNet(TINY_BASE, nnx.Rngs(0)).down[0][1] is None
+    noisy = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape),
+                         nnx.state(model, nnx.Param))
+    nnx.update(model, noisy)
+    out, no_text = _call(model, cfg), _call(model, cfg, mask=jnp.zeros((2, 5), bool))
+    for a in at16:  # silence the 16x16 text layers
+        a.o.kernel[...], a.o.bias[...] = jnp.zeros_like(a.o.kernel[...]), jnp.zeros_like(a.o.bias[...])
+    assert not np.allclose(_call(model, cfg), out, atol=1e-4)  # they changed the output
+    # with the text dropped (all masked, §4.1) they add nothing: not a mean of padding values
+    np.testing.assert_allclose(_call(model, cfg, mask=jnp.zeros((2, 5), bool)), no_text, atol=1e-6)
 
 
 def test_patch_and_parameter_free_resampling():

@@ -37,7 +37,9 @@ class UNetConfig:
     channel_mult: tuple = (1, 2, 3, 4)
     num_res_blocks: int = 3
     attn_resolutions: tuple = (32, 16, 8)
-    text_cross_attn_res: tuple = (32, 16, 8)  # text tokens concatenated to the attention k/v
+    # text tokens concatenated to the attention k/v; at a resolution without self-attention,
+    # a cross-attention layer to the text alone (not in F.1; the demo base)
+    text_cross_attn_res: tuple = (32, 16, 8)
     per_head_channels: int = 64
     # --- arch == "efficient" (App. F.2 / F.3 listings) ---
     block_channels: tuple = (128, 256, 512, 1024)
@@ -350,10 +352,12 @@ class UNet(nnx.Module):
         self.conv_in = conv(in_ch * p * p, ch, rngs, dt)
 
         def attn(c, res):
-            if res not in cfg.attn_resolutions:
-                return None
             text = text_width(cfg) if cfg.text_cross_attn and res in cfg.text_cross_attn_res else 0
-            return Attention(c, c // cfg.per_head_channels, text, True, cfg, rngs)
+            if res in cfg.attn_resolutions:
+                return Attention(c, c // cfg.per_head_channels, text, True, cfg, rngs)
+            # text but no self-attention at this resolution: attend to the text alone (F.1 has
+            # text wherever it has attention; the demo base adds this at 16x16, imagen.py)
+            return Attention(c, c // cfg.per_head_channels, text, False, cfg, rngs) if text else None
 
         # down path: (ResBlock, Attention | None) pairs, then a down-sampling ResBlock per level
         updown = lambda c, kind: ResBlock(c, c, emb_dim, cfg, rngs, kind) if cfg.resblock_updown else Resample(kind)
