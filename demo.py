@@ -30,7 +30,7 @@ import train
 from sample import grid
 
 # Updates per stage, chosen so that the whole demo fits in 30 minutes on 2 CPU cores.
-STEPS = {"base": 2400, "sr1": 300, "sr2": 300}
+STEPS = {"base": 2200, "sr1": 300, "sr2": 300}
 EVAL_SEED = 1000  # new seeds: the evaluation never shares an image with training
 SWEEP = (1.0, 2.0, 3.0, 5.0, 7.0, 10.0)  # guidance weights (the paper sweeps 1-10, App. D)
 TARGETS = {"colour": 0.90, "position": 0.75, "count": 0.60}

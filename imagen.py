@@ -118,7 +118,8 @@ PRESETS = {
         # only at 8x8 the base drew held-out counts in a wrong colour and swapped positions.
         # Measured (2400 updates, base alone, 256 held-out captions, w = 3, the committed
         # encoder draw): colour 89.8 -> 98.0%, count 79.2 -> 97.6%, position 89.6 -> 93.4%,
-        # at 71 img/s instead of 85 on this CPU.
+        # at 71 img/s instead of 85 on this CPU, so the demo trains it 2200 updates, not 2400
+        # (demo.STEPS), to stay within its 30 minutes (27.6 min, README "The demo").
         "base": StageConfig("base", "demo of App. F.1", UNetConfig(
             arch="unet", image_size=32, channels=32, channel_mult=(2, 4), num_res_blocks=1,
             attn_resolutions=(8,), text_cross_attn_res=(16, 8), per_head_channels=16, patch_size=2,
