@@ -281,16 +281,16 @@ def load_t5(name_or_path: str, dtype=jnp.bfloat16, download: bool = False):
 # 90%; two other draws with 16 heads: colour 96-98%, count 90-95% (README, "The demo").
 DEMO_T5 = T5Config(vocab_size=384, d_model=256, d_kv=16, d_ff=512, num_layers=1, num_heads=16)
 # Its relative-position bias is drawn with standard deviation 3 (Flax's default draw: ~0.5). T5
-# does not scale its attention logits, so random q.k logits (std ~8 with four heads of 64)
-# decide where a random layer attends, and its output is nearly a function of the *set* of bytes: "a red circle on the left
-# of a blue square" and "a blue square on the left of a red circle" encode to almost the same
-# set of vectors, and no reader can tell which colour is on the left. With the bias at std 3
-# each head attends by relative offset, so a byte's feature carries its neighbours (which shape
-# a colour belongs to, what precedes "on the left of"). Measured with a probe that reads the
-# embeddings as the U-Net does (learned queries, one cross-attention layer; 600 Adam updates
-# on 4096 position captions, tested on 512 held-out ones): the colour of the left / upper
-# object 61% with the default draw, 99.6% with std 3; 4 layers at the default draw: 44% (all
-# with four heads of 64).
+# does not scale its attention logits, so random q.k logits (std ~8 with four heads of 64) decide
+# where a random layer attends, and its output is nearly a function of the *set* of bytes: "a red
+# circle on the left of a blue square" and "a blue square on the left of a red circle" encode to
+# almost the same set of vectors, and no reader can tell which colour is on the left. With the bias
+# at std 3 each head attends by relative offset, so a byte's feature carries its neighbours (which
+# shape a colour belongs to, what precedes "on the left of"). Measured with a probe that reads the
+# embeddings as the U-Net does (learned queries, one cross-attention layer; 600 Adam updates on
+# 4096 position captions, tested on 512 held-out ones): the colour of the left / upper object 61%
+# with the default draw, 99.6% with std 3; 4 layers at the default draw: 44% (all with four heads
+# of 64).
 DEMO_RELATIVE_BIAS_STD = 3.0
 
 

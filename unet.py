@@ -353,11 +353,10 @@ class UNet(nnx.Module):
 
         def attn(c, res):
             text = text_width(cfg) if cfg.text_cross_attn and res in cfg.text_cross_attn_res else 0
-            if res in cfg.attn_resolutions:
-                return Attention(c, c // cfg.per_head_channels, text, True, cfg, rngs)
             # text but no self-attention at this resolution: attend to the text alone (F.1 has
             # text wherever it has attention; the demo base adds this at 16x16, imagen.py)
-            return Attention(c, c // cfg.per_head_channels, text, False, cfg, rngs) if text else None
+            self_attn = res in cfg.attn_resolutions
+            return Attention(c, c // cfg.per_head_channels, text, self_attn, cfg, rngs) if self_attn or text else None
 
         # down path: (ResBlock, Attention | None) pairs, then a down-sampling ResBlock per level
         updown = lambda c, kind: ResBlock(c, c, emb_dim, cfg, rngs, kind) if cfg.resblock_updown else Resample(kind)
