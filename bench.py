@@ -30,8 +30,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import diffusion
 import imagen
 import train
-import unet
-from unet import make_unet
 
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "peers", "imagen_pytorch_bench.py")
 # The peer's "tiny" U-Net (imagen_pytorch_bench.py) in our U-Net's terms: widths 64-256, two
@@ -50,18 +48,14 @@ PEER_PRESET = {("paper", "base"): "base64", ("paper", "sr1"): "sr256", ("paper",
                ("demo", "base"): "tiny", ("demo", "sr1"): "tiny", ("demo", "sr2"): "tiny"}
 
 
-def xla_flops(make_fn, *abstract_args):
-    """FLOPs of make_fn()'s function from XLA's cost analysis of its lowering with XLA attention:
-    the analysis counts a fused cuDNN attention kernel (a custom call) as 0 FLOPs. Lowered for
-    the CPU, whose client analyses uncompiled programs (GPU plugins do not). make_fn builds a
-    fresh function, so that jit's trace cache cannot hand this trace to the timed run."""
+def xla_flops(make_fn, stage, *abstract_args):
+    """FLOPs of make_fn(stage)'s function from XLA's cost analysis of its lowering with XLA
+    attention: the analysis counts a fused cuDNN attention kernel (a custom call) as 0 FLOPs.
+    Lowered for the CPU, whose client analyses uncompiled programs (GPU plugins do not)."""
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abstract_args)
-    old, unet.ATTENTION = unet.ATTENTION, "xla"
-    try:
-        return float(jax.jit(make_fn()).lower(*args).cost_analysis()["flops"])
-    finally:
-        unet.ATTENTION = old
+    xla = dataclasses.replace(stage, unet=dataclasses.replace(stage.unet, attention="xla"))
+    return float(jax.jit(make_fn(xla)).lower(*args).cost_analysis()["flops"])
 
 
 def timed(fn, *args, n=5):
@@ -86,10 +80,11 @@ def bench_train(stage, tcfg, batch, text_len, steps):
     mesh = train.make_mesh()
     tcfg = dataclasses.replace(tcfg, batch_size=batch)
     shapes = train.batch_shapes(stage, batch, text_len)
-    graphdef, abstract = train.abstract_state(stage, tcfg)
-    flops = xla_flops(lambda: train.make_train_step(graphdef, stage, tcfg, 1, 0), abstract, shapes)
+    _, abstract = train.abstract_state(stage, tcfg)
+    flops = xla_flops(lambda st: train.make_train_step(train.abstract_state(st, tcfg)[0], st, tcfg, 1, 0),
+                      stage, abstract, shapes)
     t = time.perf_counter()  # compile time from here: the FLOP count above is not part of it
-    step = train.compile_step(stage, tcfg, mesh, batch, 1, 0, text_len)
+    step = train.compile_step(stage, tcfg, mesh, 1, 0)
     _, state = train.init_state(stage, tcfg, 0)
     state = jax.device_put(state, NamedSharding(mesh, P()))
     rng = np.random.default_rng(0)
@@ -112,30 +107,30 @@ def bench_train(stage, tcfg, batch, text_len, steps):
 
 def bench_sampling_step(stage, batch, text_len):
     """One guided denoising step: the network on [cond; uncond] (2B examples)."""
-    graphdef, state = nnx.split(make_unet(stage.unet))
-    side = stage.resolution  # sampling runs at the stage's full resolution (training may crop)
+    graphdef, state = nnx.split(imagen.init_network(stage))
+    side = stage.side  # sampling runs at the stage's full side (training may crop)
     kz, ke = jax.random.split(jax.random.PRNGKey(0))
     z = jax.random.normal(kz, (2 * batch, side, side, 3))
     emb = jax.random.normal(ke, (2 * batch, text_len, stage.unet.text_dim))
     mask = jnp.ones((2 * batch, text_len), bool)
-    low = (z, jnp.zeros((2 * batch,))) if stage.lowres else (None, None)
-    make = lambda: lambda s, z: diffusion.guide(*jnp.split(nnx.merge(graphdef, s)(
-        z, jnp.zeros((2 * batch,)), emb, mask, *low), 2), 5.0)
-    flops = xla_flops(make, state, z)
-    dt = timed(jax.jit(make()), state, z)
+    low = (z, jnp.zeros((2 * batch,))) if stage.lowres_side else (None, None)
+    make = lambda st: lambda s, z: diffusion.guide(*jnp.split(nnx.merge(nnx.graphdef(
+        imagen.abstract_network(st)), s)(z, jnp.zeros((2 * batch,)), emb, mask, *low), 2), 5.0)
+    flops = xla_flops(make, stage, state, z)
+    dt = timed(jax.jit(make(stage)), state, z)
     return {"sample_step_s": dt, "sample_tflops": flops / dt / 1e12}
 
 
-def bench_cascade(preset, text_len):
+def bench_cascade(preset, text_len, b):
     """Whole-cascade latency for one prompt at the default step counts (random weights)."""
-    cfgs = imagen.PRESETS[preset]
-    stages = [imagen.LoadedStage(cfgs[n], make_unet(cfgs[n].unet), 0) for n in imagen.STAGE_NAMES]
-    emb, mask = jnp.zeros((1, text_len, cfgs["base"].unet.text_dim)), jnp.ones((1, text_len), bool)
+    cfgs = [imagen.with_backend(imagen.PRESETS[preset][n], b) for n in imagen.STAGE_NAMES]
+    stages = [imagen.LoadedStage(c, imagen.init_network(c), 0) for c in cfgs]
+    emb, mask = jnp.zeros((1, text_len, cfgs[0].unet.text_dim)), jnp.ones((1, text_len), bool)
 
     def run():
         x = None
         for s, st in enumerate(stages):
-            x = imagen.sample_stage(st, jax.random.PRNGKey(s), emb, mask, imagen.default_settings(st.config), x)
+            x = imagen.sample_stage(st, jax.random.PRNGKey(s), emb, mask, imagen.default_sampling(st.config), x)
         return x
     jax.block_until_ready(run())  # compile
     t = time.perf_counter()
@@ -175,21 +170,19 @@ def main(argv=None):
                    help="demo base only: our U-Net at the widths of the peer's tiny U-Net (PEER_TINY_UNET)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    on_cpu = jax.default_backend() == "cpu"
-    dtype = a.dtype or ("float32" if on_cpu else "bfloat16")
-    stage = imagen.PRESETS[a.preset][a.stage]
-    stage = dataclasses.replace(stage, unet=dataclasses.replace(stage.unet, dtype=dtype, remat=a.remat))
+    b = imagen.backend(a.dtype, a.attention)
+    dtype = b.dtype
+    stage = imagen.with_backend(imagen.PRESETS[a.preset][a.stage], b, a.remat)
     if a.peer_widths:
         if (a.preset, a.stage) != ("demo", "base"):
             p.error("--peer-widths applies to --preset demo --stage base")
         stage = with_peer_widths(stage)
     tcfg = train.TRAIN_PRESETS[a.preset][a.stage]
     text_len = stage.text_length
-    unet.ATTENTION = a.attention
     peak = matmul_peak(jnp.dtype(dtype))
     r = {"preset": a.preset, "stage": a.stage, "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
-         "dtype": dtype, "params": imagen.count_params(stage), "size": stage.train_size, "batch": a.batch_size,
-         "text_tokens": text_len, "attention": unet.attention_implementation(jnp.dtype(dtype)),
+         "dtype": dtype, "params": imagen.count_params(stage), "size": stage.train_side, "batch": a.batch_size,
+         "text_tokens": text_len, "attention": b.attention,
          "matmul_peak_tflops": peak / 1e12}
     if not a.no_train:
         r.update(bench_train(stage, tcfg, a.batch_size, text_len, a.steps))
@@ -198,9 +191,9 @@ def main(argv=None):
         r.update(bench_sampling_step(stage, a.batch_size, text_len))
         r["sample_mfu"] = r["sample_tflops"] * 1e12 / peak
     if a.cascade:
-        r.update(bench_cascade(a.preset, text_len))
+        r.update(bench_cascade(a.preset, text_len, b))
     if a.compare_peer:
-        peer = run_peer(a.preset, a.stage, a.batch_size, stage.train_size, stage.unet.text_dim, text_len,
+        peer = run_peer(a.preset, a.stage, a.batch_size, stage.train_side, stage.unet.text_dim, text_len,
                         "fp32" if dtype == "float32" else "bf16", a.peer_python)
         r["peer"] = peer
         if "tflops" in peer and "tflops" in r:

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 import shapes
+import t5_encoder
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -111,19 +112,19 @@ def to_array(img: Image.Image) -> np.ndarray:
 
 
 def preprocess(img: Image.Image, stage, rng: np.random.Generator):
-    """An image -> (x0 at stage.train_size, low-res conditioning image or None).
+    """An image -> (x0 at stage.train_side, low-res conditioning image or None).
 
-    The image is brought to the stage's output resolution (shortest side + centre crop). A
-    stage that trains on crops (256->1024, §2.5) takes a random train_size crop; the low-res
-    input is that crop down-sampled by resolution / lowres (bicubic, antialiased by PIL)."""
-    img = center_crop(img, stage.resolution)
-    if stage.train_size < stage.resolution:
-        x, y = rng.integers(0, stage.resolution - stage.train_size + 1, 2)
-        img = img.crop((x, y, x + stage.train_size, y + stage.train_size))
+    The image is brought to the stage's output side (shortest side + centre crop). A stage
+    that trains on crops (256->1024, §2.5) takes a random train_side crop; the low-res input
+    is that crop down-sampled by side / lowres_side (bicubic, antialiased by PIL)."""
+    img = center_crop(img, stage.side)
+    if stage.train_side < stage.side:
+        x, y = rng.integers(0, stage.side - stage.train_side + 1, 2)
+        img = img.crop((x, y, x + stage.train_side, y + stage.train_side))
     lowres = None
-    if stage.lowres:
-        side = stage.train_size * stage.lowres // stage.resolution
-        lowres = to_array(img.resize((side, side), Image.BICUBIC))
+    if stage.lowres_side:
+        low = stage.train_side * stage.lowres_side // stage.side
+        lowres = to_array(img.resize((low, low), Image.BICUBIC))
     return to_array(img), lowres
 
 
@@ -160,5 +161,14 @@ def host_batch(source: Source, stage, batch: int, position: int, seed: int,
             continue
         x0, low = preprocess(img, stage, np.random.default_rng([seed, i, position]))
         images.append(x0), lows.append(low), captions.append(caption), indices.append(i)
-    lowres = np.stack(lows) if stage.lowres else None
+    lowres = np.stack(lows) if stage.lowres_side else None
     return np.stack(images), lowres, captions, np.array(indices), position, skipped
+
+
+def load_text_encoder(name: str):
+    """The text encoder a stage config names -> (encoder, tokenizer): a T5 v1.1 checkpoint
+    directory (t5_encoder.load_t5), or "demo-t5", the demo's random encoder, whose output
+    whitening is fitted on the captions of the dataset it is used with: the training captions
+    of the shapes grammar (held-out ones excluded)."""
+    texts = [c for c in shapes.all_captions() if not shapes.is_heldout(c)] if name == "demo-t5" else None
+    return t5_encoder.load_text_encoder(name, whitening_texts=texts)

@@ -1,12 +1,14 @@
-"""The demo: train the whole (small) cascade on this machine and measure its text alignment.
+"""The demo: train the whole (small) cascade on a laptop CPU and measure its text alignment.
 
-`python train.py` with no arguments runs this: the "demo" preset of imagen.PRESETS, a base
-U-Net and two Efficient U-Net super-resolution stages (32 -> 64 -> 128) with the paper's
-structure (classifier-free guidance training, noise-conditioning augmentation, static and
-dynamic thresholding; static by default and v-prediction, see imagen.PRESETS), trained on
-the synthetic captioned shapes of shapes.py, conditioned on a tiny
-T5 v1.1 encoder with random frozen weights (no weights can be downloaded here; the same code
-loads real T5 checkpoints). Then it writes WORKDIR/report.md:
+  python demo.py [--workdir DIR]        # default runs/demo; an interrupted run resumes
+
+The "demo" preset of imagen.PRESETS: a base U-Net and two Efficient U-Net super-resolution
+stages (32 -> 64 -> 128) with the paper's structure (classifier-free guidance training,
+noise-conditioning augmentation, static and dynamic thresholding), trained by train.py on the
+synthetic captioned shapes of shapes.py and conditioned on a tiny T5 v1.1 encoder with random
+frozen weights (the same code loads real T5 checkpoints). Where the demo departs from the paper
+(v-prediction, static thresholding, ...) imagen.py and train.py mark it and link the evidence
+in docs/demo_experiments.md. Then it writes WORKDIR/report.md:
   - colour / count / position accuracy on held-out captions and new seeds, through the full
     cascade at sample.py's default settings, with the detector's score on real images as the
     ceiling (the skills of DrawBench, §4.4);
@@ -14,6 +16,7 @@ loads real T5 checkpoints). Then it writes WORKDIR/report.md:
   - none / static / dynamic thresholding at a high guidance weight side by side (Fig. A.10).
 """
 
+import argparse
 import collections
 import dataclasses
 import json
@@ -23,14 +26,12 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
+import data
 import imagen
 import shapes
-import t5_encoder
 import train
 from sample import grid
 
-# Updates per stage, chosen so that the whole demo fits in 30 minutes on 2 CPU cores.
-STEPS = {"base": 2200, "sr1": 300, "sr2": 300}
 EVAL_SEED = 1000  # new seeds: the evaluation never shares an image with training
 SWEEP = (1.0, 2.0, 3.0, 5.0, 7.0, 10.0)  # guidance weights (the paper sweeps 1-10, App. D)
 TARGETS = {"colour": 0.90, "position": 0.75, "count": 0.60}
@@ -121,13 +122,13 @@ def plot(points, path, xlabel="fidelity proxy (palette purity)", ylabel="alignme
     img.save(path)
 
 
-def evaluate(workdir, n_eval=64, n_sweep=32, batch_size=32, seed=0):
-    """Sample the trained cascade and write workdir/report.md; returns the numbers."""
+def evaluate(workdir, sampling, n_eval=64, n_sweep=32, batch_size=32, seed=0):
+    """Sample the trained cascade (sampling: SampleSettings by stage name); -> the numbers."""
     batch_size = min(batch_size, n_eval)
     stages = imagen.load_cascade(workdir, 3)
-    enc, tok = t5_encoder.load_text_encoder(stages[0].config.text_encoder)
-    settings = [imagen.default_settings(s.config) for s in stages]
-    final = stages[-1].config.resolution
+    enc, tok = data.load_text_encoder(stages[0].config.text_encoder)
+    settings = [sampling[s.config.name] for s in stages]
+    final = stages[-1].config.side
     t = time.time()
     examples = heldout_examples(n_eval, final)
     captions = [c for _, c, _, _ in examples]
@@ -172,7 +173,7 @@ def evaluate(workdir, n_eval=64, n_sweep=32, batch_size=32, seed=0):
 def write_report(workdir, result, settings, stages, train_seconds):
     c, ceil = result["cascade"], result["ceiling"]
     lines = ["# Demo report", "",
-             f"Cascade: {' -> '.join(str(s.config.resolution) for s in stages)}; checkpoints at steps "
+             f"Cascade: {' -> '.join(str(s.config.side) for s in stages)}; checkpoints at steps "
              f"{', '.join(f'{s.config.name} {s.step}' for s in stages)}; text encoder "
              f"{stages[0].config.text_encoder!r} (T5 v1.1 architecture, random frozen weights).",
              f"Training time: {', '.join(f'{k} {v / 60:.1f} min' for k, v in train_seconds.items())}; "
@@ -181,7 +182,7 @@ def write_report(workdir, result, settings, stages, train_seconds):
              "", "## Text alignment on held-out captions (never trained on) and new seeds", "",
              "Full cascade at sample.py's defaults: " + "; ".join(
                  f"{s.config.name}: w={st.guidance:g}, {st.steps} {st.sampler} steps, {st.threshold} thresholding"
-                 + (f", aug level {st.aug_level:g}" if s.config.lowres else "") for s, st in zip(stages, settings)) + ".",
+                 + (f", aug level {st.aug_level:g}" if s.config.lowres_side else "") for s, st in zip(stages, settings)) + ".",
              "", "| skill | samples | accuracy | target | detector on real images (ceiling) |", "| --- | --- | --- | --- | --- |"]
     for k in ("colour", "position", "count"):
         acc, n = c[k]
@@ -216,11 +217,11 @@ def write_report(workdir, result, settings, stages, train_seconds):
         f.write("\n".join(lines) + "\n")
 
 
-def main(workdir="runs/demo", steps=None, stage_configs=None, tcfg=None, n_eval=64, n_sweep=32):
+def main(workdir="runs/demo", stage_configs=None, tcfgs=None, sampling=None, n_eval=64, n_sweep=32):
     """Train the three demo stages (resuming if interrupted), evaluate, write the report."""
-    steps = steps or STEPS
     stage_configs = stage_configs or imagen.PRESETS["demo"]
-    tcfg = tcfg or train.TRAIN_PRESETS["demo"]
+    tcfgs = tcfgs or train.TRAIN_PRESETS["demo"]
+    sampling = sampling or imagen.SAMPLING["demo"]
     train_seconds = {}
     for name in imagen.STAGE_NAMES:
         t = time.time()
@@ -229,14 +230,13 @@ def main(workdir="runs/demo", steps=None, stage_configs=None, tcfg=None, n_eval=
         if os.path.exists(seconds_file):
             with open(seconds_file) as f:
                 before = json.load(f)
-        # the learning rate decays over exactly this many steps (cosine, as §4.1 over 2.5M)
-        tc = dataclasses.replace(tcfg[name], decay_steps=max(steps[name], tcfg[name].warmup_steps + 1))
-        train.train(stage_configs[name], tc, os.path.join(workdir, name), steps[name],
-                    log_every=max(1, min(50, steps[name] // 10)), save_every=max(100, steps[name] // 3))
+        steps = tcfgs[name].steps
+        train.train(stage_configs[name], tcfgs[name], os.path.join(workdir, name),
+                    log_every=max(1, min(50, steps // 10)), save_every=max(100, steps // 3))
         train_seconds[name] = before + time.time() - t
         with open(seconds_file, "w") as f:
             json.dump(train_seconds[name], f)
-    result, settings, stages = evaluate(workdir, n_eval, n_sweep)
+    result, settings, stages = evaluate(workdir, sampling, n_eval, n_sweep)
     write_report(workdir, result, settings, stages, train_seconds)
     print(f"wrote {workdir}/report.md")
     for k in ("colour", "position", "count"):
@@ -244,5 +244,11 @@ def main(workdir="runs/demo", steps=None, stage_configs=None, tcfg=None, n_eval=
     return result
 
 
+def cli(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="runs/demo")
+    return main(p.parse_args(argv).workdir)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

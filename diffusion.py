@@ -10,9 +10,10 @@ Understanding" (arXiv 2205.11487):
   App. F   noise schedules of the three stages -> cosine_log_snr, linear_log_snr
 
 Nothing here knows about Flax: the network is passed in as a callable
-    eps_fn(z_t, log_snr, text_emb, text_mask, lowres, aug_log_snr) -> eps_hat
-(or v_hat for a stage trained with prediction="v", which only the demo uses)
-with images (B, H, W, C), log_snr (B,), text_emb (B, L, D), text_mask (B, L) bool.
+    eps_fn(z_BHWC, log_snr_B, txt_BLD, mask_BL, lowres_BHWC, aug_log_snr_B) -> eps_hat_BHWC
+(or v_hat for a stage trained with prediction="v", which only the demo uses). Suffixes name
+the axes: B batch, H W C image, L text tokens, D text width; mask_BL is bool. The element-wise
+math (q_sample, the samplers' steps) takes images (B, H, W, C) and per-example log-SNRs (B,).
 Written in the style of VDM / k-diffusion: the paper's symbols are the variable names.
 """
 
@@ -114,7 +115,7 @@ def predict_x0(z_t, eps_hat, log_snr):
 
 # Network targets. The paper's is epsilon (App. A). "v" = alpha_t eps - sigma_t x (Salimans &
 # Ho 2022; Imagen Video, Ho et al. 2022, §2.4, "avoids color shifting artifacts") is NOT the
-# paper's: only the demo uses it, for the measured reason given in imagen.PRESETS.
+# paper's: only the demo uses it (docs/demo_experiments.md#why-v-prediction).
 PREDICTIONS = ("eps", "v")
 
 
@@ -203,7 +204,7 @@ def ancestral_step(z_t, x0_hat, log_snr_t, log_snr_s, noise, gamma):
 # Noise conditioning augmentation (§2.4)
 # ---------------------------------------------------------------------------------------------
 
-def noise_augment(lowres, aug_level, noise, log_snr_fn):
+def noise_augment(lowres_BHWC, aug_level, noise, log_snr_fn):
     """Noise conditioning augmentation, §2.4: corrupt the low-resolution conditioning image with
     the stage's own forward process at time aug_level in [0, 1], and return the corrupted image
     and its log-SNR, which the super-resolution network is conditioned on.
@@ -212,61 +213,62 @@ def noise_augment(lowres, aug_level, noise, log_snr_fn):
     resembling the forward process"); we use the stage's schedule at t = aug_level, so
     aug_level = 0 is no noise and aug_level = 1 is pure noise. aug_level: (B,).
     """
-    aug_log_snr = log_snr_fn(aug_level)
-    return q_sample(lowres, aug_log_snr, noise), aug_log_snr
+    aug_log_snr_B = log_snr_fn(aug_level)
+    return q_sample(lowres_BHWC, aug_log_snr_B, noise), aug_log_snr_B
 
 
 # ---------------------------------------------------------------------------------------------
 # Training loss (App. A, §4.1)
 # ---------------------------------------------------------------------------------------------
 
-def drop_text(text_emb, text_mask, drop):
+def drop_text(txt_BLD, mask_BL, drop):
     """The null condition of classifier-free guidance for the examples where drop (B,) is True.
 
     §4.1: the text embeddings are zeroed. paper: not specified what happens to the mask; we also
     clear it (no text tokens at all), so that the unconditional model does not see the prompt's
     length, and sampling's unconditional pass is the same (zeros, all-False mask)."""
     keep = ~drop
-    return text_emb * keep[:, None, None].astype(text_emb.dtype), text_mask & keep[:, None]
+    return txt_BLD * keep[:, None, None].astype(txt_BLD.dtype), mask_BL & keep[:, None]
 
 
-def diffusion_loss(eps_fn, x0, text_emb, text_mask, keys, log_snr_fn, p_uncond=0.1, lowres=None,
+def diffusion_loss(eps_fn, x0_BHWC, txt_BLD, mask_BL, keys, log_snr_fn, p_uncond=0.1, lowres_BHWC=None,
                    max_aug_level=1.0, prediction="eps"):
     """Imagen's training loss: plain MSE on epsilon (App. A), t ~ U(0, 1) in continuous time
     (App. F), text dropped with probability p_uncond = 10% (§4.1). For super-resolution stages
-    (lowres given, already resized to x0's size) the conditioning image is noise-augmented at
+    (lowres_BHWC given, already resized to x0's size) the conditioning image is noise-augmented at
     aug_level ~ U(0, max_aug_level) per example (§2.4).
 
     keys: one PRNG key per example, (B, 2), so that an example's noise does not depend on how
     the batch is split over devices, hosts or micro-batches.
     paper: not specified how aug_level is drawn in training ("chosen randomly"); we use
-    U(0, max_aug_level), 1 by default (the demo uses less: see train.TRAIN_PRESETS).
+    U(0, max_aug_level), 1 by default (train.TrainConfig.max_aug_level).
     prediction: "eps" (the paper) or "v" (see PREDICTIONS): plain MSE on that target.
     Returns the mean loss over the batch (a scalar, float32).
     """
     def draw(key):  # everything random about one example
         k_t, k_eps, k_drop, k_aug, k_aug_eps = jax.random.split(key, 5)
-        aug_eps = None if lowres is None else jax.random.normal(k_aug_eps, lowres.shape[1:])
-        return (jax.random.uniform(k_t), jax.random.normal(k_eps, x0.shape[1:]),
+        aug_eps = None if lowres_BHWC is None else jax.random.normal(k_aug_eps, lowres_BHWC.shape[1:])
+        return (jax.random.uniform(k_t), jax.random.normal(k_eps, x0_BHWC.shape[1:]),
                 jax.random.bernoulli(k_drop, p_uncond), max_aug_level * jax.random.uniform(k_aug), aug_eps)
 
-    t, eps, drop, aug_level, aug_eps = jax.vmap(draw)(keys)
-    log_snr = log_snr_fn(t)
-    z_t = q_sample(x0, log_snr, eps)
-    text_emb, text_mask = drop_text(text_emb, text_mask, drop)
-    aug_log_snr = None
-    if lowres is not None:
-        lowres, aug_log_snr = noise_augment(lowres, aug_level, aug_eps, log_snr_fn)
-    out = eps_fn(z_t, log_snr, text_emb, text_mask, lowres, aug_log_snr)
-    return jnp.mean(jnp.square(out.astype(jnp.float32) - target(x0, eps, log_snr, prediction)))
+    t_B, eps_BHWC, drop_B, aug_level_B, aug_eps = jax.vmap(draw)(keys)
+    log_snr_B = log_snr_fn(t_B)
+    z_t_BHWC = q_sample(x0_BHWC, log_snr_B, eps_BHWC)
+    txt_BLD, mask_BL = drop_text(txt_BLD, mask_BL, drop_B)
+    aug_log_snr_B = None
+    if lowres_BHWC is not None:
+        lowres_BHWC, aug_log_snr_B = noise_augment(lowres_BHWC, aug_level_B, aug_eps, log_snr_fn)
+    out_BHWC = eps_fn(z_t_BHWC, log_snr_B, txt_BLD, mask_BL, lowres_BHWC, aug_log_snr_B)
+    target_BHWC = target(x0_BHWC, eps_BHWC, log_snr_B, prediction)
+    return jnp.mean(jnp.square(out_BHWC.astype(jnp.float32) - target_BHWC))
 
 
 # ---------------------------------------------------------------------------------------------
 # Sampling loop (App. A, §2.2-2.4), compiled as a whole
 # ---------------------------------------------------------------------------------------------
 
-def sample(eps_fn, key, shape, text_emb, text_mask, log_snr_fn, steps, w=1.0, sampler="ddpm",
-           gamma=0.0, threshold="dynamic", p=99.5, lowres=None, aug_level=0.0, prediction="eps"):
+def sample(eps_fn, key, shape, txt_BLD, mask_BL, log_snr_fn, steps, w=1.0, sampler="ddpm",
+           gamma=0.0, threshold="dynamic", p=99.5, lowres_BHWC=None, aug_level=0.0, prediction="eps"):
     """Draw x ~ p(x | c) with `steps` uniformly spaced times from t = 1 to t = 0 (App. A).
 
     Every step: one network call (with guidance, the conditional and unconditional passes are
@@ -275,7 +277,7 @@ def sample(eps_fn, key, shape, text_emb, text_mask, log_snr_fn, steps, w=1.0, sa
     (§2.3), then a DDIM or ancestral step (App. A). The loop is a lax.fori_loop: under jax.jit
     there is no host round trip per step. Returns the last x0_hat, (B, H, W, C) float32.
 
-    For super-resolution stages, lowres (B, H, W, C) is the previous stage's output resized to
+    For super-resolution stages, lowres_BHWC (B, H, W, C) is the previous stage's output resized to
     this stage's size; it is noise-augmented once at the fixed aug_level (§2.4) and the same
     corrupted image conditions every step.
 
@@ -286,43 +288,43 @@ def sample(eps_fn, key, shape, text_emb, text_mask, log_snr_fn, steps, w=1.0, sa
     B = shape[0]
     thresh = (lambda x: dynamic_threshold(x, p)) if threshold == "dynamic" else THRESHOLDS[threshold]
     k_init, k_aug, k_loop = jax.random.split(key, 3)
-    aug_log_snr = None
-    if lowres is not None:
-        lowres, aug_log_snr = noise_augment(
-            lowres, jnp.full((B,), aug_level, jnp.float32),
-            jax.random.normal(k_aug, lowres.shape, jnp.float32), log_snr_fn)
+    aug_log_snr_B = None
+    if lowres_BHWC is not None:
+        lowres_BHWC, aug_log_snr_B = noise_augment(
+            lowres_BHWC, jnp.full((B,), aug_level, jnp.float32),
+            jax.random.normal(k_aug, lowres_BHWC.shape, jnp.float32), log_snr_fn)
 
     guided = not (isinstance(w, (int, float)) and w == 1.0)
     if guided:  # one network call on [cond; uncond]
-        null_emb, null_mask = drop_text(text_emb, text_mask, jnp.ones((B,), bool))
-        emb2 = jnp.concatenate([text_emb, null_emb])
-        mask2 = jnp.concatenate([text_mask, null_mask])
+        null_emb, null_mask = drop_text(txt_BLD, mask_BL, jnp.ones((B,), bool))
+        txt_2BLD = jnp.concatenate([txt_BLD, null_emb])
+        mask_2BL = jnp.concatenate([mask_BL, null_mask])
         dup = lambda a: None if a is None else jnp.concatenate([a, a])
-        lowres2, aug2 = dup(lowres), dup(aug_log_snr)
+        lowres_2BHWC, aug_2B = dup(lowres_BHWC), dup(aug_log_snr_B)
 
-    def eps_tilde(z_t, log_snr):
+    def eps_tilde(z_t_BHWC, log_snr_B):
         if not guided:
-            return eps_fn(z_t, log_snr, text_emb, text_mask, lowres, aug_log_snr).astype(jnp.float32)
-        eps = eps_fn(jnp.concatenate([z_t, z_t]), jnp.concatenate([log_snr, log_snr]),
-                     emb2, mask2, lowres2, aug2).astype(jnp.float32)
-        return guide(eps[:B], eps[B:], w)
+            return eps_fn(z_t_BHWC, log_snr_B, txt_BLD, mask_BL, lowres_BHWC, aug_log_snr_B).astype(jnp.float32)
+        eps_2BHWC = eps_fn(jnp.concatenate([z_t_BHWC, z_t_BHWC]), jnp.concatenate([log_snr_B, log_snr_B]),
+                           txt_2BLD, mask_2BL, lowres_2BHWC, aug_2B).astype(jnp.float32)
+        return guide(eps_2BHWC[:B], eps_2BHWC[B:], w)
 
     def body(i, carry):
-        z_t, _ = carry
+        z_t_BHWC, _ = carry
         t = 1.0 - i / steps
         s = 1.0 - (i + 1) / steps
-        log_snr_t = jnp.full((B,), log_snr_fn(t))
-        log_snr_s = jnp.full((B,), log_snr_fn(s))
-        x0_hat = thresh(output_to_x0(z_t, eps_tilde(z_t, log_snr_t), log_snr_t, prediction))
+        log_snr_t_B = jnp.full((B,), log_snr_fn(t))
+        log_snr_s_B = jnp.full((B,), log_snr_fn(s))
+        x0_hat_BHWC = thresh(output_to_x0(z_t_BHWC, eps_tilde(z_t_BHWC, log_snr_t_B), log_snr_t_B, prediction))
         if sampler == "ddim":
-            z_s = ddim_step(z_t, x0_hat, log_snr_t, log_snr_s)
+            z_s_BHWC = ddim_step(z_t_BHWC, x0_hat_BHWC, log_snr_t_B, log_snr_s_B)
         elif sampler == "ddpm":
             noise = jax.random.normal(jax.random.fold_in(k_loop, i), shape, jnp.float32)
-            z_s = ancestral_step(z_t, x0_hat, log_snr_t, log_snr_s, noise, gamma)
+            z_s_BHWC = ancestral_step(z_t_BHWC, x0_hat_BHWC, log_snr_t_B, log_snr_s_B, noise, gamma)
         else:
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-        return z_s, x0_hat
+        return z_s_BHWC, x0_hat_BHWC
 
-    z_1 = jax.random.normal(k_init, shape, jnp.float32)  # z_1 ~ N(0, I)
-    _, x0_hat = jax.lax.fori_loop(0, steps, body, (z_1, jnp.zeros(shape, jnp.float32)))
-    return x0_hat
+    z_1_BHWC = jax.random.normal(k_init, shape, jnp.float32)  # z_1 ~ N(0, I)
+    _, x0_hat_BHWC = jax.lax.fori_loop(0, steps, body, (z_1_BHWC, jnp.zeros(shape, jnp.float32)))
+    return x0_hat_BHWC

@@ -1,9 +1,15 @@
-"""Imagen: the three-stage cascade, its stage configs, and text -> image generation.
+"""Imagen: the three-stage cascade, its stage configs, their checkpoints, and text -> image.
 
 Saharia et al. 2022, §2 and Fig. A.4: text -> frozen T5-XXL -> 64x64 base model ->
 64->256 super-resolution -> 256->1024 super-resolution, each a diffusion model with
 classifier-free guidance (§2.2), dynamic thresholding (§2.3) and, for the super-resolution
 stages, noise conditioning augmentation (§2.4).
+
+What each setting is, and where it lives:
+  StageConfig     what a stage is: its network, image sides, schedule, target (PRESETS)
+  SampleSettings  how a stage is sampled: guidance, steps, sampler, thresholding (SAMPLING)
+  train.TrainConfig  how a stage is trained: optimizer, learning rate, batch, steps
+  Backend         how the networks run on this JAX backend (compute dtype, attention kernel)
 
 `python imagen.py` prints, for each stage of the paper preset, the paper's parameter count,
 ours, the resolution and the FLOPs of one forward pass at batch 1.
@@ -11,203 +17,281 @@ ours, the resolution and the FLOPs of one forward pass at batch 1.
 
 import dataclasses
 import functools
+import json
 import math
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
+from tqdm import tqdm
 
 import diffusion
-from unet import UNetConfig, abstract_unet, resize_lowres
+import t5_encoder
+from efficient_unet import EfficientUNet, EfficientUNetConfig
+from unet import UNet, UNetConfig, resize_lowres
 
 
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
-    """One diffusion model of the cascade and how it is trained and sampled."""
+    """One diffusion model of the cascade: what is trained (and recorded in its checkpoint).
+
+    Image sides: `side` is the side of the images the stage makes (64, 256, 1024); `lowres_side`
+    the side of its conditioning image (0 for the base model); `train_side` the side it trains
+    on, equal to `side` except for a stage trained on random crops (the 256->1024 model trains
+    on 256x256 crops of the 1024 images, §2.5, and runs on the whole image at inference)."""
+    preset: str  # "paper" or "demo": which PRESETS entry (picks the default SampleSettings)
     name: str  # "base", "sr1", "sr2"
     section: str  # where the paper gives this stage
-    unet: UNetConfig
-    resolution: int  # output side at inference: 64, 256, 1024
-    lowres: int  # side of the conditioning image (0 for the base model)
-    train_size: int  # side of the training images (the 256->1024 model trains on 256 crops, §2.5)
+    unet: UNetConfig | EfficientUNetConfig
+    side: int
+    lowres_side: int
+    train_side: int
     schedule: str  # "cosine" (F.1, F.2) or "linear" (F.3); see diffusion.SCHEDULES
-    optimizer: str  # "adafactor" (base) or "adam" (super-resolution), §4.1 / App. F
-    paper_params: float  # the paper's parameter count (§2.5, App. B.1)
-    text_encoder: str = "t5-v1_1-xxl"  # §2.1; a checkpoint directory, or "demo-t5"
-    text_length: int = 128  # paper: not specified; 128 T5 tokens (t5_encoder.MAX_LENGTH)
-    # sampling defaults: guidance 5 and aug level 0.3 give the paper's "best samples"
-    # (App. D.2, Figs. A.10-A.12); step counts: paper: not specified; ours (DeepFloyd IF's 100 / 50)
-    guidance: float = 5.0
-    aug_level: float = 0.3
-    steps: int = 100
-    sampler: str = "ddpm"
-    threshold: str = "dynamic"  # §2.3, p = 99.5 (Fig. A.10)
+    paper_params: float  # the paper's parameter count (§2.5, App. B.1; 0 for the demo)
     prediction: str = "eps"  # the network's target: eps (App. A); "v" only in the demo
+    text_encoder: str = "t5-v1_1-xxl"  # §2.1; a checkpoint directory, or "demo-t5"
+    text_length: int = t5_encoder.MAX_LENGTH  # paper: not specified; 128 T5 tokens
 
-
-_paper_base = UNetConfig(
-    # App. F.1, verbatim: channels 512, channel_mult [1, 2, 3, 4], num_res_blocks 3,
-    # attn_resolutions [32, 16, 8], per_head_channels 64, dropout 0, text_cross_attn_res
-    # [32, 16, 8], feature_pooling "attention", use_scale_shift_norm True.
-    arch="unet", image_size=64, channels=512, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
-    attn_resolutions=(32, 16, 8), text_cross_attn_res=(32, 16, 8), per_head_channels=64,
-    feature_pooling="attention", use_scale_shift_norm=True, dropout=0.0)
-_paper_sr1 = UNetConfig(
-    # App. F.2: DBlocks/UBlocks of 128, 256, 512, 1024 channels with 2, 4, 8, 8 residual
-    # blocks; self-attention (with the text tokens, "text cross attention") in the last one
-    # only; 8 heads; dropout 0; attention pooling; scale-shift norm.
-    arch="efficient", image_size=256, lowres_cond=True, block_channels=(128, 256, 512, 1024),
-    block_res_blocks=(2, 4, 8, 8), block_self_attn=(False, False, False, True),
-    block_cross_attn=(False, False, False, False), num_heads=8, skip_combine="concat",
-    feature_pooling="attention", use_scale_shift_norm=True, dropout=0.0)
-_paper_sr2 = dataclasses.replace(
-    # App. F.3: as F.2 but without self-attention: explicit text cross-attention instead.
-    _paper_sr1, block_self_attn=(False, False, False, False), block_cross_attn=(False, False, False, True))
-
-# The demo (demo.py): sizes for 30 minutes on 2 CPU cores. Both super-resolution stages train
-# on 32x32 crops (the paper trains only its 256->1024 model on crops, 1/4 of the side, §2.5;
-# our 64->128 stage uses the same 1/4, the 32->64 stage 1/2) with 32 channels at full
-# resolution: with 16, the 32->64 stage's loss was twice as high after 400 steps.
-_demo_unet = dict(text_dim=256, norm_groups=8, emb_mult=4)  # t5_encoder.DEMO_T5
-# Not the paper's: the demo networks predict v = alpha_t eps - sigma_t x instead of eps (App. A).
-# Measured (32->64 stage, 350 updates, 32 held-out captions from real 32x32 inputs): eps
-# prediction drew noise blobs (colour 19%, palette purity 0.06; its x0 error at t = 0.9 was 0.28,
-# 28x that of just copying the low-res input), v prediction drew the shapes (colour 94%, count
-# and position 100%, purity 0.98). An eps network's x0 = (z_t - sigma_t eps_hat) / alpha_t
-# divides its error by alpha_t, so at high noise it needs a precision that a few hundred
-# updates do not buy; with v the x0 error stays bounded. The paper presets keep eps.
-# Static, not dynamic thresholding by default (§2.3; the report still compares the three): on
-# white backgrounds, which sit at +1, any overshoot makes the 99.5th percentile s > 1, and
-# dividing by s every step greys the image and leaves grain. Measured on the demo cascade (16
-# held-out captions, the SR stages from real 32x32 inputs, w = 5): palette purity 0.04 dynamic,
-# 0.87 static; colour 12% vs 50%. Base alone, 64 captions: static purity 0.94 at w = 5.
-_demo_stage = dict(text_encoder="demo-t5", text_length=64, prediction="v", threshold="static")
-# The demo's super-resolution stages sample unguided (w = 1) without augmentation (aug level 0,
-# as the paper's COCO setting, Table 1), not at the "best samples" w = 5, aug 0.3: measured on 64
-# held-out captions from the same 32x32 base samples (colour 81% there), the 128x128 outputs kept
-# colour 78% at w = 1 / aug 0 and 62% at w = 5 / aug 0.3 (75% at w = 1 / aug 0.3). Guidance on
-# these small stages pushes their own reading of the caption onto the base's layout. w = 1 also
-# halves their sampling cost (one network pass per step).
-_demo_sr_sampling = dict(guidance=1.0, aug_level=0.0)
 
 PRESETS = {
     "paper": {
-        "base": StageConfig("base", "§2.5, App. F.1", _paper_base, 64, 0, 64, "cosine", "adafactor", 2.0e9,
-                            steps=100),
-        "sr1": StageConfig("sr1", "App. B.1, F.2", _paper_sr1, 256, 64, 256, "cosine", "adam", 600e6,
-                           steps=50),
-        "sr2": StageConfig("sr2", "App. B.1, F.3", _paper_sr2, 1024, 256, 256, "linear", "adam", 400e6,
-                           steps=50),
+        "base": StageConfig(
+            preset="paper", name="base", section="§2.5, App. F.1", side=64, lowres_side=0, train_side=64,
+            schedule="cosine", paper_params=2.0e9,
+            unet=UNetConfig(channels=512, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
+                            attn_resolutions=(32, 16, 8), text_cross_attn_res=(32, 16, 8),
+                            per_head_channels=64, feature_pooling="attention",
+                            use_scale_shift_norm=True, dropout=0.0)),  # the F.1 listing
+        "sr1": StageConfig(
+            preset="paper", name="sr1", section="App. B.1, F.2", side=256, lowres_side=64, train_side=256,
+            schedule="cosine", paper_params=600e6,
+            unet=EfficientUNetConfig(block_channels=(128, 256, 512, 1024), block_res_blocks=(2, 4, 8, 8),
+                                     block_self_attn=(False, False, False, True),
+                                     block_cross_attn=(False, False, False, False), num_heads=8,
+                                     feature_pooling="attention", use_scale_shift_norm=True,
+                                     dropout=0.0)),  # the F.2 listing
+        "sr2": StageConfig(
+            # F.3: as F.2 but without self-attention: explicit text cross-attention instead;
+            # trained on 256x256 crops of the 1024 images (§2.5)
+            preset="paper", name="sr2", section="App. B.1, F.3", side=1024, lowres_side=256, train_side=256,
+            schedule="linear", paper_params=400e6,
+            unet=EfficientUNetConfig(block_channels=(128, 256, 512, 1024), block_res_blocks=(2, 4, 8, 8),
+                                     block_self_attn=(False, False, False, False),
+                                     block_cross_attn=(False, False, False, True), num_heads=8,
+                                     feature_pooling="attention", use_scale_shift_norm=True,
+                                     dropout=0.0)),
     },
+    # The demo (demo.py): a cascade 32 -> 64 -> 128 trained in minutes on 2 CPU cores with a
+    # random text encoder. Every choice that is not the paper's is marked and links its evidence
+    # in docs/demo_experiments.md.
     "demo": {
-        # Attention (self + text) only at 8x8, where F.1 also has it at 32 and 16 (of 64): on
-        # this CPU attention over 16x16 cost 40% of the step (30 -> 50 img/s without it). The
-        # time buys more updates and 128 channels (not 64) at 8x8. Measured at equal training time
-        # (~15 min; 64 held-out captions, base alone, w = 5): (16, 8) attention and mult
-        # (1, 2, 2), 950 updates: colour 55%, count 49%, position 10%; this, 1136 updates:
-        # 62%, 40%, 10% (training captions: colour 73% -> 86%, position 24% -> 28%).
-        # A 2x2 space-to-depth patch in and out, so the first level runs at 16x16, and
-        # parameter-free resampling between levels: 87 img/s on this CPU against 40 with a
-        # 32x32 level and BigGAN up/down blocks (channel_mult (1, 2, 4)), about as good per
-        # example (base alone, 256 held-out captions, w = 3; README "The demo"), so the demo's
-        # 15 minutes of base training give 2400 updates instead of 1100.
-        # At 16x16 attention to the text alone (queries from the image, keys and values from
-        # the text, as F.3's cross-attention), not F.1's self-attention + text there: with text
-        # only at 8x8 the base drew held-out counts in a wrong colour and swapped positions.
-        # Measured (2400 updates, base alone, 256 held-out captions, w = 3, the committed
-        # encoder draw): colour 89.8 -> 98.0%, count 79.2 -> 97.6%, position 89.6 -> 93.4%,
-        # at 71 img/s instead of 85 on this CPU, so the demo trains it 2200 updates, not 2400
-        # (demo.STEPS), to stay within its 30 minutes (27.6 min, README "The demo").
-        "base": StageConfig("base", "demo of App. F.1", UNetConfig(
-            arch="unet", image_size=32, channels=32, channel_mult=(2, 4), num_res_blocks=1,
-            attn_resolutions=(8,), text_cross_attn_res=(16, 8), per_head_channels=16, patch_size=2,
-            resblock_updown=False, **_demo_unet),
-            # Adam, not Adafactor (§4.1), and guidance 3, not 5: measured on the base alone
-            # after 1100 updates (the demo encoder's first draw, 64 held-out captions, w = 5):
-            # colour 81% with Adam (lr 2e-3) vs 61% with Adafactor (1e-2); with this encoder
-            # (256 held-out captions) count 54% at w = 3 vs 34% at w = 5, colour 76% and
-            # position 14-17% at both: stronger guidance merges repeated shapes.
-            32, 0, 32, "cosine", "adam", 0, steps=50, **_demo_stage, guidance=3.0),
-        "sr1": StageConfig("sr1", "demo of App. F.2", UNetConfig(
-            arch="efficient", image_size=32, lowres_cond=True, block_channels=(32, 64, 64),
-            block_res_blocks=(1, 1, 2), block_self_attn=(False, False, True),
-            block_cross_attn=(False, False, False), num_heads=4, skip_combine="concat", **_demo_unet),
-            64, 32, 32, "cosine", "adam", 0, steps=15, **_demo_stage, **_demo_sr_sampling),
-        "sr2": StageConfig("sr2", "demo of App. F.3", UNetConfig(
-            arch="efficient", image_size=32, lowres_cond=True, block_channels=(32, 64, 64),
-            block_res_blocks=(1, 1, 2), block_self_attn=(False, False, False),
-            block_cross_attn=(False, False, True), num_heads=4, skip_combine="concat", **_demo_unet),
-            # cosine, not F.3's linear schedule: measured (300 updates; 32 held-out captions from
-            # real 64x64 inputs, w = 1, aug 0): linear colour 53% with 15 sampling steps, 62% with
-            # 50, grainy and hue-shifted; cosine 100%. The linear schedule's log-SNR is below -2.5
-            # for half of t (cosine's: below 0), so training and 15 uniform sampling steps spend
-            # little time at the low noise levels where a super-resolution stage draws detail.
-            128, 64, 32, "cosine", "adam", 0, steps=15, **_demo_stage, **_demo_sr_sampling),
+        "base": StageConfig(
+            preset="demo", name="base", section="demo of App. F.1", side=32, lowres_side=0, train_side=32,
+            schedule="cosine", paper_params=0, text_encoder="demo-t5", text_length=64,
+            prediction="v",  # demo: v, not eps; see docs/demo_experiments.md#why-v-prediction
+            unet=UNetConfig(
+                channels=32, channel_mult=(2, 4), num_res_blocks=1, per_head_channels=16,
+                text_dim=t5_encoder.DEMO_T5.d_model, norm_groups=8, emb_mult=4,
+                # demo: self-attention only at 8x8, text-only attention at 16x16, a 2x2 patch and
+                # parameter-free resampling, for speed on CPU; see
+                # docs/demo_experiments.md#the-faster-base and #text-attention-at-16x16
+                attn_resolutions=(8,), text_cross_attn_res=(16, 8), patch_size=2,
+                resblock_updown=False)),
+        "sr1": StageConfig(
+            # demo: trains on 32x32 crops of its 64x64 outputs, like F.3 (§2.5); see
+            # docs/demo_experiments.md#the-super-resolution-stages
+            preset="demo", name="sr1", section="demo of App. F.2", side=64, lowres_side=32, train_side=32,
+            schedule="cosine", paper_params=0, text_encoder="demo-t5", text_length=64, prediction="v",
+            unet=EfficientUNetConfig(
+                block_channels=(32, 64, 64), block_res_blocks=(1, 1, 2),
+                block_self_attn=(False, False, True), block_cross_attn=(False, False, False),
+                num_heads=4, text_dim=t5_encoder.DEMO_T5.d_model, norm_groups=8, emb_mult=4)),
+        "sr2": StageConfig(
+            # demo: the cosine schedule, not F.3's linear one; see
+            # docs/demo_experiments.md#the-super-resolution-stages
+            preset="demo", name="sr2", section="demo of App. F.3", side=128, lowres_side=64, train_side=32,
+            schedule="cosine", paper_params=0, text_encoder="demo-t5", text_length=64, prediction="v",
+            unet=EfficientUNetConfig(
+                block_channels=(32, 64, 64), block_res_blocks=(1, 1, 2),
+                block_self_attn=(False, False, False), block_cross_attn=(False, False, True),
+                num_heads=4, text_dim=t5_encoder.DEMO_T5.d_model, norm_groups=8, emb_mult=4)),
     },
 }
+STAGE_NAMES = ("base", "sr1", "sr2")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+    """How one stage is sampled (App. A, §2.2-2.4). Defaults: the paper's "best samples"."""
+    guidance: float = 5.0  # w, §2.2; Figs. A.10-A.12 use 5
+    steps: int = 100  # paper: not specified; DeepFloyd IF's 100 (base) and 50 (super-resolution)
+    sampler: str = "ddpm"  # "ddpm" (ancestral) or "ddim", App. A
+    gamma: float = 0.0  # ancestral variance interpolation (App. A); paper: not specified; 0
+    threshold: str = "dynamic"  # "none" | "static" | "dynamic", §2.3
+    p: float = 99.5  # dynamic thresholding percentile, Fig. A.10
+    aug_level: float = 0.3  # super-resolution stages only; §2.4, App. D.2 (Fig. A.12 uses 0.3)
+
+
+_demo_sr = SampleSettings(guidance=1.0, steps=15, threshold="static", aug_level=0.0)
+SAMPLING = {
+    # App. D.2 "best samples": guidance 5, aug level 0.3, dynamic thresholding
+    "paper-best": {"base": SampleSettings(steps=100), "sr1": SampleSettings(steps=50),
+                   "sr2": SampleSettings(steps=50)},
+    # Table 1, COCO FID-30K: w = 1.35 (base) and 8.0 (super-resolution), aug level 0
+    "coco-fid": {"base": SampleSettings(guidance=1.35, steps=100, aug_level=0.0),
+                 "sr1": SampleSettings(guidance=8.0, steps=50, aug_level=0.0),
+                 "sr2": SampleSettings(guidance=8.0, steps=50, aug_level=0.0)},
+    # demo: static thresholding (docs/demo_experiments.md#why-static-thresholding); base w = 3
+    # (#the-demo-bases-optimizer-and-guidance); SR stages unguided, no augmentation, 15 steps
+    # (#the-super-resolution-stages)
+    "demo": {"base": SampleSettings(guidance=3.0, steps=50, threshold="static"), "sr1": _demo_sr,
+             "sr2": _demo_sr},
+}
+
+
+def default_sampling(stage: StageConfig) -> SampleSettings:
+    """The settings a stage is sampled with unless told otherwise: "paper-best" for the paper
+    presets, "demo" for the demo's."""
+    return SAMPLING["demo" if stage.preset == "demo" else "paper-best"][stage.name]
+
+
+# ---------------------------------------------------------------------------------------------
+# How the networks run on this backend
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    dtype: str  # compute dtype of the networks (parameters stay float32)
+    attention: str  # jax.nn.dot_product_attention implementation
+    unroll_micro_batches: bool  # gradient accumulation as an unrolled loop (else lax.scan)
+
+
+def backend(dtype: str | None = None, attention: str | None = None) -> Backend:
+    """The policy for the current JAX backend: bfloat16 compute on accelerators, float32 on CPU
+    (paper: not specified; bf16 on its TPU-v4s); cuDNN's fused attention on GPUs in 16-bit
+    (2.6x XLA's on an H100, docs/performance.md), XLA's elsewhere; micro-batches unrolled on
+    CPU, whose backend runs convolutions inside a while loop ~15x slower."""
+    cpu = jax.default_backend() == "cpu"
+    dtype = dtype or ("float32" if cpu else "bfloat16")
+    fused = jax.default_backend() == "gpu" and dtype in ("bfloat16", "float16")
+    return Backend(dtype, attention or ("cudnn" if fused else "xla"), cpu)
+
+
+def with_backend(stage: StageConfig, b: Backend, remat: bool = False) -> StageConfig:
+    return dataclasses.replace(stage, unet=dataclasses.replace(stage.unet, dtype=b.dtype, attention=b.attention,
+                                                               remat=remat))
+
+
+# ---------------------------------------------------------------------------------------------
+# A stage's network, its size and cost
+# ---------------------------------------------------------------------------------------------
+
+def network(stage: StageConfig, rngs: nnx.Rngs):
+    if stage.unet.dropout:
+        raise NotImplementedError("dropout > 0: every stage of the paper uses 0 (App. F); not built")
+    if isinstance(stage.unet, UNetConfig):
+        return UNet(stage.unet, stage.train_side, rngs)
+    return EfficientUNet(stage.unet, rngs)
+
+
+def abstract_network(stage: StageConfig):
+    """The network with ShapeDtypeStructs for parameters (nothing allocated)."""
+    return nnx.eval_shape(lambda: network(stage, nnx.Rngs(0)))
+
+
+def init_network(stage: StageConfig, seed: int = 0):
+    """The network, initialised under one jit: one compiled program instead of hundreds of eager
+    initialisers (compiled once per stage config, for any seed)."""
+    graphdef, _ = nnx.split(abstract_network(stage))
+    return nnx.merge(graphdef, _jitted_init(stage)(jax.random.key(seed)))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(stage):
+    # it runs once per model, so XLA's slow optimisation passes are not worth their time
+    return jax.jit(lambda key: nnx.split(network(stage, nnx.Rngs(key)))[1], compiler_options={
+        "xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
 
 
 def count_params(stage: StageConfig) -> int:
     """Parameters of a stage's network, from jax.eval_shape (nothing is allocated)."""
-    abstract = abstract_unet(stage.unet)
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract_network(stage), nnx.Param)))
 
 
-def abstract_inputs(stage: StageConfig, batch: int, size: int | None = None, text_len: int = 128):
-    """ShapeDtypeStructs of one network call at `size` (default: the training size)."""
-    size = size or stage.train_size
+def abstract_inputs(stage: StageConfig, batch: int, side: int | None = None, text_len: int = 128):
+    """ShapeDtypeStructs of one network call at `side` (default: the training side)."""
+    side = side or stage.train_side
     c, f32 = stage.unet.in_channels, jnp.float32
-    img = jax.ShapeDtypeStruct((batch, size, size, c), f32)
+    img = jax.ShapeDtypeStruct((batch, side, side, c), f32)
     vec = jax.ShapeDtypeStruct((batch,), f32)
     lowres = (img, vec) if stage.unet.lowres_cond else (None, None)
     return (img, vec, jax.ShapeDtypeStruct((batch, text_len, stage.unet.text_dim), f32),
             jax.ShapeDtypeStruct((batch, text_len), jnp.bool_)) + lowres
 
 
-def forward_flops(stage: StageConfig, batch: int = 1, size: int | None = None) -> float:
+def forward_flops(stage: StageConfig, batch: int = 1, side: int | None = None) -> float:
     """FLOPs of one forward pass, from XLA's cost analysis of the compiled function."""
-    graphdef, state = nnx.split(abstract_unet(stage.unet))
-
-    def fwd(state, *inputs):
-        return nnx.merge(graphdef, state)(*inputs)
-
-    compiled = jax.jit(fwd).lower(state, *abstract_inputs(stage, batch, size)).compile()
+    graphdef, state = nnx.split(abstract_network(stage))
+    fwd = lambda state, *inputs: nnx.merge(graphdef, state)(*inputs)
+    compiled = jax.jit(fwd).lower(state, *abstract_inputs(stage, batch, side)).compile()
     return float(compiled.cost_analysis()["flops"])
 
 
 # ---------------------------------------------------------------------------------------------
-# The cascade: text -> 64 -> 256 -> 1024 (§2, Fig. A.4)
+# Checkpoints (orbax): items "train" (params, optimizer state, step), "ema", and "meta" (JSON:
+# the stage config, text encoder, seed, train config, data position)
 # ---------------------------------------------------------------------------------------------
 
-STAGE_NAMES = ("base", "sr1", "sr2")
+_RUNTIME_FIELDS = ("dtype", "attention", "remat")  # how a network runs, not what it is
 
 
-@dataclasses.dataclass(frozen=True)
-class SampleSettings:
-    """How one stage is sampled. Defaults: the paper's "best samples" settings (App. D.2)."""
-    guidance: float = 5.0  # w, §2.2 (Figs. A.10-A.12 use 5)
-    steps: int = 100
-    sampler: str = "ddpm"  # "ddpm" (ancestral) or "ddim", App. A
-    threshold: str = "dynamic"  # "none" | "static" | "dynamic" (§2.3, p = 99.5)
-    aug_level: float = 0.3  # super-resolution stages only (§2.4; Fig. A.12 uses 0.3)
-
-
-def default_settings(stage: StageConfig, preset: str = "best") -> SampleSettings:
-    """"best": guidance 5, aug level 0.3 (App. D.2, Figs. A.10, A.12); "coco-fid": the COCO
-    FID-30K setting of Table 1: w = 1.35 (base) and 8.0 (super-resolution), aug level 0."""
-    s = SampleSettings(stage.guidance, stage.steps, stage.sampler, stage.threshold, stage.aug_level)
-    if preset == "coco-fid":
-        s = dataclasses.replace(s, guidance=1.35 if stage.lowres == 0 else 8.0, aug_level=0.0)
-    return s
+def config_dict(stage: StageConfig) -> dict:
+    """A stage config as JSON (what a checkpoint records), without the runtime fields."""
+    d = dataclasses.asdict(stage)
+    d["unet"] = {"kind": type(stage.unet).__name__,
+                 **{k: v for k, v in d["unet"].items() if k not in _RUNTIME_FIELDS}}
+    return json.loads(json.dumps(d))  # tuples -> lists, as they come back from JSON
 
 
 def stage_from_dict(d: dict) -> StageConfig:
-    """A StageConfig from its JSON form (as train.py records it in checkpoints)."""
-    unet_fields = {f.name for f in dataclasses.fields(UNetConfig)}
-    unet = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["unet"].items() if k in unet_fields})
-    return StageConfig(**{**d, "unet": unet})
+    """The inverse of config_dict; a field added to the code since takes its default."""
+    u = dict(d["unet"])
+    cls = {"UNetConfig": UNetConfig, "EfficientUNetConfig": EfficientUNetConfig}[u.pop("kind")]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unet = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in u.items() if k in names})
+    names = {f.name for f in dataclasses.fields(StageConfig)}
+    return StageConfig(**{k: v for k, v in d.items() if k in names and k != "unet"}, unet=unet)
+
+
+def checkpoint_manager(workdir: str):
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+
+def save_checkpoint(mngr, state: dict, meta: dict):
+    """Save a train state {params, ema, opt, step} and its metadata, and wait until written."""
+    train = {k: state[k] for k in ("params", "opt", "step")}
+    mngr.save(int(state["step"]), args=ocp.args.Composite(
+        train=ocp.args.StandardSave(train), ema=ocp.args.StandardSave(state["ema"]),
+        meta=ocp.args.JsonSave(meta)), force=True)
+    mngr.wait_until_finished()
+
+
+def read_meta(mngr, step: int | None = None) -> dict:
+    step = mngr.latest_step() if step is None else step
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def restore_checkpoint(mngr, abstract_state: dict, step: int | None = None) -> dict:
+    """The whole train state, onto the shardings of abstract_state's ShapeDtypeStructs."""
+    step = mngr.latest_step() if step is None else step
+    train = {k: abstract_state[k] for k in ("params", "opt", "step")}
+    r = mngr.restore(step, args=ocp.args.Composite(train=ocp.args.StandardRestore(train),
+                                                   ema=ocp.args.StandardRestore(abstract_state["ema"])))
+    return {**r["train"], "ema": r["ema"]}
 
 
 @dataclasses.dataclass
@@ -217,39 +301,39 @@ class LoadedStage:
     step: int  # the checkpoint's step
 
 
-def load_stage(stage_dir: str, ema: bool = True) -> LoadedStage:
-    """A stage trained by train.py in stage_dir: its config and (EMA) weights."""
-    import train  # train.py imports this module for the presets
-
-    mngr = train.checkpoint_manager(stage_dir)
+def load_stage(stage_dir: str) -> LoadedStage:
+    """A stage trained by train.py in stage_dir, for sampling: its config (as recorded in the
+    checkpoint, run with this backend's policy) and its EMA weights (nothing else is read)."""
+    mngr = checkpoint_manager(stage_dir)
     if mngr.latest_step() is None:
         raise FileNotFoundError(stage_dir)
-    meta = train.read_meta(mngr)
-    config = stage_from_dict(meta["stage"])
-    config = dataclasses.replace(config, text_encoder=meta["text_encoder"])
-    if jax.default_backend() != "cpu":  # bf16 activations on accelerators
-        config = dataclasses.replace(config, unet=dataclasses.replace(config.unet, dtype="bfloat16"))
-    graphdef, shapes = train.abstract_state(config, train.TrainConfig(**meta["train"]))
-    state = train.restore(mngr, shapes)
-    return LoadedStage(config, nnx.merge(graphdef, state["ema" if ema else "params"]), int(state["step"]))
+    meta = read_meta(mngr)
+    config = dataclasses.replace(stage_from_dict(meta["stage"]), text_encoder=meta["text_encoder"])
+    config = with_backend(config, backend())
+    graphdef, params = nnx.split(abstract_network(config))
+    ema = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(ema=ocp.args.StandardRestore(params)))["ema"]
+    return LoadedStage(config, nnx.merge(graphdef, ema), mngr.latest_step())
 
 
-def load_cascade(workdir: str, num_stages: int = 3, ema: bool = True):
-    """workdir/base, workdir/sr1, workdir/sr2 (train.py workdirs) -> [LoadedStage], and the text
-    encoder recorded in the base checkpoint. A missing stage is a FileNotFoundError naming the
-    train.py command that makes it."""
+def load_cascade(workdir: str, num_stages: int = 3) -> list[LoadedStage]:
+    """workdir/base, workdir/sr1, workdir/sr2 (train.py workdirs) -> [LoadedStage]. A missing
+    stage is a FileNotFoundError naming the command that makes it."""
     stages = []
     for name in STAGE_NAMES[:num_stages]:
         d = os.path.join(workdir, name)
         try:
-            stages.append(load_stage(d, ema))
+            stages.append(load_stage(d))
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"no trained {name} stage in {d}. Make it with\n  python train.py --stage {name} "
-                f"--workdir {d} [--preset paper ...]\nor run `python train.py` for the demo cascade "
+                f"--workdir {d} [--preset paper ...]\nor run `python demo.py` for the demo cascade "
                 f"(runs/demo).") from None
     return stages
 
+
+# ---------------------------------------------------------------------------------------------
+# The cascade: text -> 64 -> 256 -> 1024 (§2, Fig. A.4)
+# ---------------------------------------------------------------------------------------------
 
 def check_text_width(stages, encoder):
     for s in stages:
@@ -260,29 +344,28 @@ def check_text_width(stages, encoder):
 
 
 @functools.lru_cache(maxsize=32)
-def _sampler(graphdef, schedule, steps, guided, sampler, threshold, shape, prediction):
-    """One stage's whole sampling loop, jitted: compiled once per (settings, shape)."""
-    def run(state, key, text_emb, text_mask, w, lowres, aug_level):
-        model = nnx.merge(graphdef, state)
-        return diffusion.sample(model, key, shape, text_emb, text_mask, diffusion.SCHEDULES[schedule],
-                                steps, w if guided else 1.0, sampler, threshold=threshold,
-                                lowres=lowres, aug_level=aug_level, prediction=prediction)
+def _sampler(graphdef, schedule, prediction, shape, guided, steps, sampler, gamma, threshold, p):
+    """One stage's whole sampling loop, jitted: compiled once per shape and settings; the
+    guidance weight and the aug level are arguments, so a sweep over them compiles once."""
+    def run(state, key, txt_BLD, mask_BL, lowres_BHWC, w, aug_level):
+        return diffusion.sample(nnx.merge(graphdef, state), key, shape, txt_BLD, mask_BL,
+                                diffusion.SCHEDULES[schedule], steps, w if guided else 1.0, sampler,
+                                gamma, threshold, p, lowres_BHWC, aug_level, prediction)
     return jax.jit(run)
 
 
-def sample_stage(stage: LoadedStage, key, text_emb, text_mask, settings: SampleSettings, prev=None):
-    """One stage for one batch: (B, side, side, 3) in [-1, 1]. prev: the previous stage's output,
-    which is resized to this stage's side and noise-augmented at settings.aug_level (§2.4)."""
+def sample_stage(stage: LoadedStage, key, txt_BLD, mask_BL, settings: SampleSettings, prev_BHWC=None):
+    """One stage for one batch: (B, side, side, 3) in [-1, 1]. prev_BHWC: the previous stage's
+    output, resized to this stage's side and noise-augmented at settings.aug_level (§2.4)."""
     cfg = stage.config
-    B = text_emb.shape[0]
-    side = cfg.resolution
-    lowres = None if prev is None else resize_lowres(prev, side)
+    B, side = txt_BLD.shape[0], cfg.side
+    lowres_BHWC = None if prev_BHWC is None else resize_lowres(prev_BHWC, side)
     graphdef, state = nnx.split(stage.model)
-    run = _sampler(graphdef, cfg.schedule, settings.steps, settings.guidance != 1.0, settings.sampler,
-                   settings.threshold, (B, side, side, cfg.unet.in_channels), cfg.prediction)
-    x = run(state, key, text_emb, text_mask, jnp.float32(settings.guidance), lowres,
-            jnp.float32(settings.aug_level))
-    return jnp.clip(x, -1.0, 1.0)
+    s = settings
+    run = _sampler(graphdef, cfg.schedule, cfg.prediction, (B, side, side, cfg.unet.in_channels),
+                   s.guidance != 1.0, s.steps, s.sampler, s.gamma, s.threshold, s.p)
+    x_BHWC = run(state, key, txt_BLD, mask_BL, lowres_BHWC, jnp.float32(s.guidance), jnp.float32(s.aug_level))
+    return jnp.clip(x_BHWC, -1.0, 1.0)
 
 
 def to_uint8(x):
@@ -296,9 +379,6 @@ def generate(stages, encoder, tokenizer, prompts, settings, seed=0, batch_size=8
     The prompts are encoded once per batch and the embeddings reused by every stage (§2).
     settings: one SampleSettings per stage. Batch b of stage s draws its noise from
     fold_in(fold_in(PRNGKey(seed), b), s): the same seed and batch size give the same images."""
-    import t5_encoder
-    from tqdm import tqdm
-
     check_text_width(stages, encoder)
     text_length = text_length or stages[0].config.text_length
     out = []
@@ -307,11 +387,11 @@ def generate(stages, encoder, tokenizer, prompts, settings, seed=0, batch_size=8
         chunk = list(prompts[start:start + batch_size])
         n = len(chunk)
         chunk += [""] * (batch_size - n)  # pad the last batch: one compiled shape per stage
-        emb, mask = t5_encoder.encode(encoder, tokenizer, chunk, text_length)
+        txt_BLD, mask_BL = t5_encoder.encode(encoder, tokenizer, chunk, text_length)
         x = None
         for s, (stage, st) in enumerate(zip(stages, settings)):
             key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), b), s)
-            x = sample_stage(stage, key, emb, jnp.asarray(mask), st, x)
+            x = sample_stage(stage, key, txt_BLD, jnp.asarray(mask_BL), st, x)
         out.append(to_uint8(x[:n]))  # memory: only uint8 images stay on the host
     return np.concatenate(out)
 
@@ -321,9 +401,8 @@ def main():
           f"{'resolution':>14s} {'GFLOPs/fwd (B=1)':>17s}")
     for name, stage in PRESETS["paper"].items():
         n = count_params(stage)
-        side = stage.resolution  # at inference: the full output size
-        flops = forward_flops(stage, 1, side)
-        res = f"{stage.lowres}->{side}" if stage.lowres else f"{side}x{side}"
+        flops = forward_flops(stage, 1, stage.side)  # at inference: the full output side
+        res = f"{stage.lowres_side}->{stage.side}" if stage.lowres_side else f"{stage.side}x{stage.side}"
         print(f"{name:6s} {stage.section:15s} {stage.paper_params / 1e9:11.2f}B {n / 1e9:7.3f}B "
               f"{(n / stage.paper_params - 1) * 100:+6.1f}% {res:>14s} {flops / 1e9:17.1f}")
 

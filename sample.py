@@ -6,10 +6,11 @@
   python sample.py --workdir runs/demo --settings runs/demo/samples/settings.json   # reproduce
 
 Writes OUT/grid.png, OUT/NNNN.png (one per prompt, in order), OUT/settings.json (everything
-needed to reproduce the images exactly). Defaults come from each stage's config: for the paper
-presets, the paper's "best samples" settings (guidance 5, aug level 0.3, dynamic thresholding
-p = 99.5: App. D.2, Figs. A.10-A.12; the demo's differ, see imagen.PRESETS);
-`--preset coco-fid` uses Table 1's w = 1.35 (base) / 8.0 (super-resolution), aug level 0.
+needed to reproduce the images exactly). Settings come from a named set of imagen.SAMPLING
+(--sampling; default: "paper-best" for a cascade of the paper presets, the paper's "best
+samples": guidance 5, aug level 0.3, dynamic thresholding p = 99.5, App. D.2, Figs. A.10-A.12;
+"demo" for the demo cascade), then the flags below; "coco-fid" is Table 1's w = 1.35 (base) /
+8.0 (super-resolution) with aug level 0.
 Saharia et al. 2022, §2 (the cascade), §2.2 (guidance), §2.3 (thresholding), §2.4 (aug level).
 """
 
@@ -22,6 +23,9 @@ import sys
 
 import numpy as np
 from PIL import Image
+
+import data
+import imagen
 
 DRAWBENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "drawbench.csv")
 
@@ -59,7 +63,8 @@ def parse_args(argv):
     p.add_argument("--out", default=None, help="default WORKDIR/samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stages", type=int, choices=[1, 2, 3], default=3)
-    p.add_argument("--preset", choices=["best", "coco-fid"], default="best")
+    p.add_argument("--sampling", choices=list(imagen.SAMPLING), default=None,
+                   help="named settings (default: the cascade's preset's: paper-best or demo)")
     p.add_argument("--guidance", default=None, help="w, one value or one per stage: 5 or 5,8,8")
     p.add_argument("--aug-level", default=None, help="super-resolution aug level(s), e.g. 0.3")
     p.add_argument("--threshold", choices=["none", "static", "dynamic"], default=None)
@@ -73,11 +78,10 @@ def parse_args(argv):
 
 
 def resolve_settings(args, stages):
-    """Per-stage SampleSettings from the defaults and the command line."""
-    import imagen
-
+    """Per-stage SampleSettings: the named set, then the command line's overrides."""
     n = len(stages)
-    settings = [imagen.default_settings(s.config, args.preset) for s in stages]
+    settings = [imagen.SAMPLING[args.sampling][s.config.name] if args.sampling else
+                imagen.default_sampling(s.config) for s in stages]
     overrides = {"guidance": (args.guidance, float), "aug_level": (args.aug_level, float),
                  "steps": (args.steps, int), "threshold": (args.threshold, str), "sampler": (args.sampler, str)}
     for field, (value, cast) in overrides.items():
@@ -88,9 +92,6 @@ def resolve_settings(args, stages):
 
 
 def run(args):
-    import imagen
-    import t5_encoder
-
     if args.settings:  # reproduce an earlier run exactly
         with open(args.settings) as f:
             saved = json.load(f)
@@ -106,7 +107,7 @@ def run(args):
     settings = resolve_settings(args, stages)
     if args.settings:
         settings = [imagen.SampleSettings(**s["settings"]) for s in saved["stages"]]
-    encoder, tokenizer = t5_encoder.load_text_encoder(stages[0].config.text_encoder)
+    encoder, tokenizer = data.load_text_encoder(stages[0].config.text_encoder)
     out = args.out or os.path.join(args.workdir, "samples")
     os.makedirs(out, exist_ok=True)
 
@@ -140,7 +141,7 @@ def run(args):
     record = {"prompts": prompts, "seed": args.seed, "batch_size": args.batch_size,
               "workdir": args.workdir, "text_encoder": stages[0].config.text_encoder,
               "stages": [{"name": s.config.name, "checkpoint_step": s.step, "schedule": s.config.schedule,
-                          "settings": dataclasses.asdict(st), "dynamic_threshold_p": 99.5}
+                          "settings": dataclasses.asdict(st)}
                          for s, st in zip(stages, settings)]}
     with open(os.path.join(out, "settings.json"), "w") as f:
         json.dump(record, f, indent=1)

@@ -20,7 +20,7 @@ import zlib
 import numpy as np
 from PIL import Image, ImageDraw
 
-PALETTE = {  # RGB, the README has the same table
+PALETTE = {  # RGB
     "red": (220, 40, 40), "green": (40, 160, 70), "blue": (40, 80, 220),
     "yellow": (230, 200, 40), "purple": (140, 60, 170), "orange": (240, 140, 30),
 }
@@ -31,7 +31,7 @@ OPPOSITE = {"on the left of": "on the right of", "on the right of": "on the left
             "above": "below", "below": "above"}
 KINDS = ("colour", "count", "position")
 # how often random_spec draws each kind: half the scenes are position scenes, the skill that
-# needs the most examples (README, "The demo"); they also name two colours each
+# needs the most examples; see docs/demo_experiments.md#layout-templates
 KIND_WEIGHTS = (1 / 6, 1 / 3, 1 / 2)
 
 
@@ -109,8 +109,8 @@ def _boxes(spec, rng, size):
     """Non-overlapping square boxes (x0, y0, side), one per object, at near-fixed places: a
     template for each kind of caption, every coordinate moved by up to 1/32 of the side.
     Little jitter, so that the mean image of a caption is sharp and the 30-minute demo learns
-    its layout (README, "The demo": with free layouts the base did not learn which colour goes
-    on which side, nor two from three, in the demo's budget)."""
+    its layout (with free layouts the base does not learn which colour goes on which side, nor
+    two from three, in the demo's budget: docs/demo_experiments.md#layout-templates)."""
     side, j = size // 4, size // 32
     if spec["kind"] == "position":
         # along the relation's axis the first object's centre is at 1/4 or 3/4 of the side and

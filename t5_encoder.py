@@ -9,7 +9,7 @@ The architecture is T5 v1.1 (Raffel et al. 2020; the google/t5-v1_1-* checkpoint
   (bidirectional buckets, computed once from the first layer's table and shared by all layers,
   no 1/sqrt(d) scaling of the logits) -> residual; RMSNorm -> gated-GELU feed-forward ->
   residual] -> final RMSNorm. No biases anywhere.
-paper: not specified which T5 release; we use v1.1, the public T5-XXL encoder (see README).
+paper: not specified which T5 release; we use v1.1, the public T5-XXL encoder.
 
 transformers 5 has no Flax models: this file is ours; transformers gives the tokenizer and
 the config. Weights are read with safetensors' numpy loader, one tensor at a time, straight
@@ -27,6 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from huggingface_hub import snapshot_download  # comes with transformers
+from safetensors import safe_open
+from tqdm import tqdm
+from transformers import AutoTokenizer, ByT5Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +195,6 @@ def _resolve_checkpoint(name_or_path: str, download: bool) -> str:
             f"machine with network:\n  hf download {name_or_path} --include '*.json' "
             f"'*.safetensors' 'spiece.model' --local-dir DIR\nand pass DIR, or call "
             f"load_t5({name_or_path!r}, download=True).")
-    from huggingface_hub import snapshot_download  # comes with transformers
     return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model"])
 
 
@@ -204,7 +207,6 @@ def _tensor_files(ckpt: str) -> dict[str, str]:
             weight_map = json.load(f)["weight_map"]
         return {k: os.path.join(ckpt, v) for k, v in weight_map.items()}
     if os.path.exists(single):
-        from safetensors import safe_open
         with safe_open(single, "np") as f:
             return {k: single for k in f.keys()}
     hint = (" It has pytorch_model.bin only: convert it once with transformers and torch, "
@@ -236,8 +238,6 @@ def load_t5(name_or_path: str, dtype=jnp.bfloat16, download: bool = False):
     Host memory: one copy of the encoder in `dtype` plus one tensor at a time (T5-XXL: about
     9.5 GB in bfloat16, 19 GB in float32).
     """
-    from safetensors import safe_open
-    from transformers import AutoTokenizer
 
     ckpt = _resolve_checkpoint(name_or_path, download)
     cfg = config_from_hf(ckpt)
@@ -265,49 +265,13 @@ def load_t5(name_or_path: str, dtype=jnp.bfloat16, download: bool = False):
 
 # The demo's text encoder (no weights can be downloaded here): the T5 v1.1 architecture at a
 # tiny size with random, frozen weights, and the ByT5 byte tokenizer (no vocabulary file).
-# One layer, 256 wide: a linear probe on the mean-pooled embeddings of 1000 captions reads the
-# first colour word back 99% of the time (64 wide, 2 layers: 85%; 256 wide, 2 layers: 95%);
-# random layers mix the bytes of "green" and "orange" (the same letters) into similar features.
-# Sixteen heads of 16 dimensions, not four of 64 (the same parameters and FLOPs): each random
-# head attends by its own random relative-position pattern (below), so which neighbours a word's
-# feature carries is a draw of the heads; with four, a colour word's feature in "two red
-# circles" could lie nearer to another colour's word in another count caption than to its own
-# colour's, and which captions that happened to depended on the draw. Sixteen heads average
-# over more patterns. Over four draws (training count captions, leave one out: is a colour
-# word's nearest colour word, by cosine of the byte-mean features, the same colour?): 4 heads
-# 83-97%, 16 heads 100% in all four; the linear probe for the colour of the left / upper object
-# (mean-pooled, held-out position captions) 94-99% -> 99-100%. The demo's base alone (256
-# held-out captions, w = 3, this draw): colour 78% -> 90%, count 51% -> 79%, position 85% ->
-# 90%; two other draws with 16 heads: colour 96-98%, count 90-95% (README, "The demo").
+# demo: one layer, 256 wide, 16 heads of 16; see docs/demo_experiments.md#the-random-text-encoder
 DEMO_T5 = T5Config(vocab_size=384, d_model=256, d_kv=16, d_ff=512, num_layers=1, num_heads=16)
-# Its relative-position bias is drawn with standard deviation 3 (Flax's default draw: ~0.5). T5
-# does not scale its attention logits, so random q.k logits (std ~8 with four heads of 64) decide
-# where a random layer attends, and its output is nearly a function of the *set* of bytes: "a red
-# circle on the left of a blue square" and "a blue square on the left of a red circle" encode to
-# almost the same set of vectors, and no reader can tell which colour is on the left. With the bias
-# at std 3 each head attends by relative offset, so a byte's feature carries its neighbours (which
-# shape a colour belongs to, what precedes "on the left of"). Measured with a probe that reads the
-# embeddings as the U-Net does (learned queries, one cross-attention layer; 600 Adam updates on
-# 4096 position captions, tested on 512 held-out ones): the colour of the left / upper object 61%
-# with the default draw, 99.6% with std 3; 4 layers at the default draw: 44% (all with four heads
-# of 64).
+# demo: its relative-position bias is drawn with std 3 (Flax's default draw: ~0.5), so that a
+# random layer attends by relative offset and encodes word order; same link
 DEMO_RELATIVE_BIAS_STD = 3.0
-
-
-# Its output is whitened (demo only): (x - mean) @ W with W = V diag(lambda + eps)^-1/2 V^T
-# from the eigendecomposition of the token features' covariance over the grammar's training
-# captions (shapes.all_captions, held-out ones excluded), eps = 1e-3 of the largest eigenvalue.
-# A random layer's features are dominated by the identity of each byte: the top 8 of the 256
-# directions hold 35% of the variance (largest / smallest eigenvalue 7.4e2; whitened: 1.7; with
-# four heads of 64, which the rest of this paragraph measured: 50%, 7.7e3 and 8.6).
-# What a colour word's neighbours add (which side it goes on) lies in the weak directions: a
-# linear probe on the mean-pooled embeddings reads the colour of the left / upper object from
-# the principal components above 1e-2 of the top eigenvalue 64% of the time, from those above
-# 1e-3 95%, from all 99% (held-out position captions); gradient descent learns a direction at a
-# speed proportional to its variance. Measured in the position-only diagnostic (README, "the
-# binding"; 600 updates, log-SNR -3): the first colour's offset towards the named side was
-# +1.3 pixels unwhitened and +10.8 whitened (real images +16; 63% -> 91% of captions on the
-# right side). A trained T5's features need no such step; the paper presets do not have it.
+# demo: its output is whitened, eps = 1e-3 of the largest eigenvalue; see
+# docs/demo_experiments.md#whitening-the-encoders-output
 DEMO_WHITENING_EPS = 1e-3
 
 
@@ -325,42 +289,35 @@ class WhitenedT5Encoder(T5Encoder):
         return (x - self.white_mean[...]) @ self.white_matrix[...]
 
 
-def demo_t5(dtype=jnp.float32) -> WhitenedT5Encoder:
-    """The demo's random, frozen text encoder (DEMO_T5, whitened); the same weights on every
-    call."""
+def demo_t5(whitening_texts, dtype=jnp.float32) -> WhitenedT5Encoder:
+    """The demo's random, frozen text encoder (DEMO_T5), whitened on the token features of
+    `whitening_texts` (the dataset's training captions): (x - mean) @ V diag(lambda + eps)^-1/2 V^T
+    from the eigendecomposition of their covariance. The same weights on every call."""
     encoder = WhitenedT5Encoder(DEMO_T5, dtype, nnx.Rngs(0))
     table = encoder.blocks[0].attn.relative_attention_bias.embedding
     table.set_value(DEMO_RELATIVE_BIAS_STD * jax.random.normal(jax.random.key(7), table.shape, dtype))
-    mean, W = _demo_whitening(encoder, dtype)
+    key = (jnp.dtype(dtype).name, _texts_digest(whitening_texts))
+    if key not in _WHITENING:  # fitted once per process and set of texts (about a second)
+        emb, mask = encode(encoder, ByT5Tokenizer(), list(whitening_texts), 64)  # still the identity
+        x = np.asarray(emb, np.float64)[mask]
+        lam, V = np.linalg.eigh(np.cov(x.T))
+        _WHITENING[key] = x.mean(0), (V / np.sqrt(lam + DEMO_WHITENING_EPS * lam.max())) @ V.T
+    mean, W = _WHITENING[key]
     encoder.white_mean.set_value(jnp.asarray(mean, jnp.float32))
     encoder.white_matrix.set_value(jnp.asarray(W, jnp.float32))
     return encoder
 
 
-_WHITENING = {}  # dtype -> (mean, W): fitted once per process, as every call has the same weights
+_WHITENING = {}  # (dtype, digest of the texts) -> (mean, W)
 
 
-def _demo_whitening(encoder, dtype):
-    """The whitening's statistics from the (still unwhitened) demo encoder's token features on
-    the grammar's ~1000 training captions (about a second to encode)."""
-    if dtype not in _WHITENING:
-        import shapes  # the demo's dataset: its captions give the whitening statistics
-        from transformers import ByT5Tokenizer
-
-        captions = [c for c in shapes.all_captions() if not shapes.is_heldout(c)]
-        emb, mask = encode(encoder, ByT5Tokenizer(), captions, 64)  # the identity map so far
-        x = np.asarray(emb, np.float64)[mask]
-        lam, V = np.linalg.eigh(np.cov(x.T))
-        _WHITENING[dtype] = x.mean(0), (V / np.sqrt(lam + DEMO_WHITENING_EPS * lam.max())) @ V.T
-    return _WHITENING[dtype]
-
-
-def load_text_encoder(name: str, dtype=jnp.float32):
-    """"demo-t5" -> the random tiny demo encoder + ByT5 tokenizer; anything else -> load_t5
-    (a checkpoint directory such as one holding google/t5-v1_1-xxl)."""
+def load_text_encoder(name: str, dtype=jnp.float32, whitening_texts=None):
+    """"demo-t5" -> the random tiny demo encoder (whitened on whitening_texts) + ByT5 tokenizer;
+    anything else -> load_t5 (a checkpoint directory such as one holding google/t5-v1_1-xxl)."""
     if name == "demo-t5":
-        from transformers import ByT5Tokenizer
-        return demo_t5(dtype), ByT5Tokenizer()
+        if not whitening_texts:
+            raise ValueError("demo-t5 needs the captions to fit its whitening on (whitening_texts)")
+        return demo_t5(whitening_texts, dtype), ByT5Tokenizer()
     return load_t5(name, dtype)
 
 
@@ -396,9 +353,9 @@ def encode(encoder, tokenizer, texts, max_length: int = MAX_LENGTH):
 # Offline text-embedding cache (§2.1: "embeddings can be computed offline")
 # ---------------------------------------------------------------------------------------------
 
-def _captions_digest(captions) -> str:
+def _texts_digest(texts) -> str:
     h = hashlib.sha256()
-    for c in captions:
+    for c in texts:
         h.update(c.encode("utf-8") + b"\0")
     return h.hexdigest()
 
@@ -411,11 +368,10 @@ def cache_embeddings(encoder, tokenizer, captions, out_dir, batch_size=64,
     re-run skips finished shards, so an interrupted run resumes where it stopped. A directory
     made for other captions or settings is refused. Returns out_dir.
     """
-    from tqdm import tqdm
 
     os.makedirs(out_dir, exist_ok=True)
     meta = {"n": len(captions), "batch_size": batch_size, "max_length": max_length,
-            "dim": encoder.cfg.d_model, "captions_sha256": _captions_digest(captions),
+            "dim": encoder.cfg.d_model, "captions_sha256": _texts_digest(captions),
             "encoder": encoder_name}
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):

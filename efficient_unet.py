@@ -1,0 +1,128 @@
+"""The Efficient U-Net of Imagen's super-resolution stages (64->256 and 256->1024).
+
+Saharia et al. 2022, App. B.1 and Figs. A.27-A.30: compared with a plain U-Net it (1) moves
+parameters to the low resolutions by using more residual blocks there, (2) scales the skip
+connections by 1/sqrt(2), and (3) reverses the order of down-sampling and convolution: a
+DBlock down-samples first, then convolves; a UBlock convolves first, then up-samples.
+  App. F.2   the 64->256 model: self-attention (with the text tokens) in the last block
+  App. F.3   the 256->1024 model: explicit text cross-attention there instead, trained on
+             256x256 crops and run on the whole image (fully convolutional apart from it)
+The layers (ResBlock, Attention, the conditioning embedding) are the base U-Net's, in unet.py;
+the call signature is the same.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unet import (Attention, Conditioning, GroupNorm, ResBlock, NetworkConfig, check_inputs, compute_dtype,
+                  maybe_remat, conv, resample, text_width)
+
+
+@dataclasses.dataclass(frozen=True)
+class EfficientUNetConfig(NetworkConfig):
+    """The Efficient U-Net (App. B.1); defaults are the 64->256 model's F.2 listing. One entry
+    per DBlock (and its mirror UBlock), from the highest resolution to the lowest."""
+    lowres_cond: bool = True
+    block_channels: tuple = (128, 256, 512, 1024)  # F.2
+    block_res_blocks: tuple = (2, 4, 8, 8)  # F.2
+    block_self_attn: tuple = (False, False, False, True)  # F.2: self-attention + text tokens in k/v
+    block_cross_attn: tuple = (False, False, False, False)  # F.3: explicit text cross-attention
+    num_heads: int = 8  # App. B.1: 8 attention heads
+    # paper: not specified; "concat" = [x, skip / sqrt(2)] (imagen-pytorch), "add" =
+    # (x + skip) / sqrt(2). See docs/parameter_counts.md for the counts of each.
+    skip_combine: str = "concat"
+
+
+def _block_attention(ch, self_attn, cross_attn, cfg, rngs):
+    """A DBlock's / UBlock's attention layer: self-attention with the text tokens in its keys and
+    values (F.2), explicit text cross-attention (F.3), or none."""
+    text = text_width(cfg) if cfg.text_cross_attn else 0
+    if self_attn or (cross_attn and text):
+        return Attention(ch, cfg.num_heads, text, self_attn, cfg, rngs)
+    return None
+
+
+class DBlock(nnx.Module):
+    """App. B.1, Fig. A.28: conv, strided to downsample first (all but the first block) ->
+    ResBlocks -> attention."""
+
+    def __init__(self, i, o, n, self_attn, cross_attn, emb_dim, cfg, rngs, stride=2):
+        self.down = conv(i, o, rngs, compute_dtype(cfg), stride=stride)
+        self.res = nnx.List([ResBlock(o, o, emb_dim, cfg, rngs) for _ in range(n)])
+        self.attn = _block_attention(o, self_attn, cross_attn, cfg, rngs)
+
+    def __call__(self, x_BHWC, emb_BE, txt_BLD, mask_BL, cfg):
+        x = self.down(x_BHWC)
+        for r in self.res:
+            x = maybe_remat(cfg, r, x, emb_BE)
+        return self.attn(x, txt_BLD, mask_BL) if self.attn is not None else x
+
+
+class UBlock(nnx.Module):
+    """App. B.1, Fig. A.29: [x, skip] -> ResBlocks -> attention -> upsample last (nearest 2x
+    then conv3x3; paper: not specified which up-sampling op; the last block only convolves)."""
+
+    def __init__(self, i, o, n, self_attn, cross_attn, emb_dim, cfg, rngs, upsample=True):
+        first_in = 2 * i if cfg.skip_combine == "concat" else i
+        self.res = nnx.List([ResBlock(first_in if j == 0 else i, i, emb_dim, cfg, rngs) for j in range(n)])
+        self.attn = _block_attention(i, self_attn, cross_attn, cfg, rngs)
+        self.up = conv(i, o, rngs, compute_dtype(cfg))
+        self.upsample = upsample
+
+    def __call__(self, x_BHWC, skip_BHWC, emb_BE, txt_BLD, mask_BL, cfg):
+        # App. B.1: skip connections scaled by 1/sqrt(2)
+        if cfg.skip_combine == "concat":
+            x = jnp.concatenate([x_BHWC, skip_BHWC * (2 ** -0.5)], -1)
+        else:
+            x = (x_BHWC + skip_BHWC) * (2 ** -0.5)
+        for r in self.res:
+            x = maybe_remat(cfg, r, x, emb_BE)
+        x = self.attn(x, txt_BLD, mask_BL) if self.attn is not None else x
+        return self.up(resample(x, "up") if self.upsample else x)
+
+
+class EfficientUNet(nnx.Module):
+    """The Efficient U-Net of App. B.1 (64->256: F.2, 256->1024: F.3). Fully convolutional
+    apart from attention to the text, so the 256->1024 model trained on 256x256 crops runs
+    on the full 1024x1024 image at inference."""
+
+    def __init__(self, cfg: EfficientUNetConfig, rngs: nnx.Rngs):
+        assert cfg.skip_combine in ("add", "concat"), cfg.skip_combine
+        self.cfg = cfg
+        dt, C = compute_dtype(cfg), cfg.block_channels
+        emb_dim = cfg.emb_mult * C[0]
+        self.cond = Conditioning(C[0], emb_dim, cfg, rngs)
+        in_ch = cfg.in_channels * (2 if cfg.lowres_cond else 1)
+        self.conv_in = conv(in_ch, C[0], rngs, dt)
+        prev = [C[0]] + list(C[:-1])  # block k maps prev[k] -> C[k] (down) and C[k] -> prev[k] (up)
+        spec = list(zip(prev, C, cfg.block_res_blocks, cfg.block_self_attn, cfg.block_cross_attn))
+        # paper: not specified which blocks resample; the first DBlock keeps the full resolution
+        # and the last UBlock does not up-sample, so the output has a full-resolution path (an
+        # eps-prediction must reproduce z_t's pixel-level noise). Every other DBlock halves,
+        # every other UBlock doubles.
+        self.down = nnx.List([DBlock(p, c, n, sa, ca, emb_dim, cfg, rngs, stride=1 if k == 0 else 2)
+                              for k, (p, c, n, sa, ca) in enumerate(spec)])
+        self.up = nnx.List([UBlock(c, p, n, sa, ca, emb_dim, cfg, rngs, upsample=k > 0)
+                            for k, (p, c, n, sa, ca) in reversed(list(enumerate(spec)))])
+        self.norm_out = GroupNorm(C[0], cfg.norm_groups, dt)
+        self.conv_out = conv(C[0], cfg.in_channels, rngs, dt)
+
+    def __call__(self, z_BHWC, log_snr_B, txt_BLD, mask_BL, lowres_BHWC=None, aug_log_snr_B=None):
+        cfg = self.cfg
+        check_inputs(cfg, z_BHWC, log_snr_B, txt_BLD, mask_BL, lowres_BHWC, aug_log_snr_B)
+        assert z_BHWC.shape[1] % 2 ** (len(cfg.block_channels) - 1) == 0, "side must divide by 2^(blocks-1)"
+        emb_BE, txt_BLD = self.cond(log_snr_B, txt_BLD.astype(compute_dtype(cfg)), mask_BL, aug_log_snr_B)
+        x = jnp.concatenate([z_BHWC, lowres_BHWC], -1) if cfg.lowres_cond else z_BHWC
+        h = self.conv_in(x.astype(compute_dtype(cfg)))
+        skips = []
+        for block in self.down:  # resolution halves at the start of every DBlock but the first
+            h = block(h, emb_BE, txt_BLD, mask_BL, cfg)
+            skips.append(h)
+        for block in self.up:  # and doubles at the end of every UBlock but the last
+            h = block(h, skips.pop(), emb_BE, txt_BLD, mask_BL, cfg)
+        eps_BHWC = self.conv_out(jax.nn.silu(self.norm_out(h)))
+        assert eps_BHWC.shape == z_BHWC.shape
+        return eps_BHWC.astype(jnp.float32)
