@@ -123,7 +123,7 @@ def preprocess(img: Image.Image, stage, rng: np.random.Generator):
         img = img.crop((x, y, x + stage.train_side, y + stage.train_side))
     lowres = None
     if stage.lowres_side:
-        low = stage.train_side * stage.lowres_side // stage.side
+        low = stage.train_lowres_side
         lowres = to_array(img.resize((low, low), Image.BICUBIC))
     return to_array(img), lowres
 
@@ -168,7 +168,7 @@ def host_batch(source: Source, stage, batch: int, position: int, seed: int,
 def load_text_encoder(name: str):
     """The text encoder a stage config names -> (encoder, tokenizer): a T5 v1.1 checkpoint
     directory (t5_encoder.load_t5), or "demo-t5", the demo's random encoder, whose output
-    whitening is fitted on the captions of the dataset it is used with: the training captions
-    of the shapes grammar (held-out ones excluded)."""
+    whitening is fitted on the demo dataset's training captions (the shapes grammar's, held-out
+    ones excluded)."""
     texts = [c for c in shapes.all_captions() if not shapes.is_heldout(c)] if name == "demo-t5" else None
     return t5_encoder.load_text_encoder(name, whitening_texts=texts)

@@ -219,7 +219,7 @@ def write_report(workdir, result, settings, stages, train_seconds):
 
 def main(workdir="runs/demo", stage_configs=None, tcfgs=None, sampling=None, n_eval=64, n_sweep=32):
     """Train the three demo stages (resuming if interrupted), evaluate, write the report."""
-    stage_configs = stage_configs or imagen.PRESETS["demo"]
+    stage_configs = stage_configs or {k: imagen.with_backend(v, imagen.backend()) for k, v in imagen.PRESETS["demo"].items()}
     tcfgs = tcfgs or train.TRAIN_PRESETS["demo"]
     sampling = sampling or imagen.SAMPLING["demo"]
     train_seconds = {}

@@ -99,10 +99,11 @@ class EfficientUNet(nnx.Module):
         self.conv_in = conv(in_ch, C[0], rngs, dt)
         prev = [C[0]] + list(C[:-1])  # block k maps prev[k] -> C[k] (down) and C[k] -> prev[k] (up)
         spec = list(zip(prev, C, cfg.block_res_blocks, cfg.block_self_attn, cfg.block_cross_attn))
-        # paper: not specified which blocks resample; the first DBlock keeps the full resolution
-        # and the last UBlock does not up-sample, so the output has a full-resolution path (an
-        # eps-prediction must reproduce z_t's pixel-level noise). Every other DBlock halves,
-        # every other UBlock doubles.
+        # Not F.2 / F.3's "strides": (2, 2) in every block: the first DBlock keeps the full
+        # resolution and the last UBlock does not up-sample, so the output has a full-resolution
+        # path (an eps-prediction must reproduce z_t's pixel-level noise; with every block
+        # resampling the demo's eps stages sampled noise: docs/demo_experiments.md#the-super-
+        # resolution-stages). Every other DBlock halves, every other UBlock doubles.
         self.down = nnx.List([DBlock(p, c, n, sa, ca, emb_dim, cfg, rngs, stride=1 if k == 0 else 2)
                               for k, (p, c, n, sa, ca) in enumerate(spec)])
         self.up = nnx.List([UBlock(c, p, n, sa, ca, emb_dim, cfg, rngs, upsample=k > 0)

@@ -55,6 +55,14 @@ class StageConfig:
     text_encoder: str = "t5-v1_1-xxl"  # §2.1; a checkpoint directory, or "demo-t5"
     text_length: int = t5_encoder.MAX_LENGTH  # paper: not specified; 128 T5 tokens
 
+    def __post_init__(self):
+        assert bool(self.lowres_side) == self.unet.lowres_cond, "a stage with a low-res input has lowres_cond"
+
+    @property
+    def train_lowres_side(self) -> int:
+        """The side of the low-res input of a training example (a crop's, for a cropped stage)."""
+        return self.train_side * self.lowres_side // self.side
+
 
 PRESETS = {
     "paper": {
@@ -221,9 +229,9 @@ def count_params(stage: StageConfig) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract_network(stage), nnx.Param)))
 
 
-def abstract_inputs(stage: StageConfig, batch: int, side: int | None = None, text_len: int = 128):
+def abstract_inputs(stage: StageConfig, batch: int, side: int | None = None):
     """ShapeDtypeStructs of one network call at `side` (default: the training side)."""
-    side = side or stage.train_side
+    side, text_len = side or stage.train_side, stage.text_length
     c, f32 = stage.unet.in_channels, jnp.float32
     img = jax.ShapeDtypeStruct((batch, side, side, c), f32)
     vec = jax.ShapeDtypeStruct((batch,), f32)
@@ -259,6 +267,9 @@ def config_dict(stage: StageConfig) -> dict:
 def stage_from_dict(d: dict) -> StageConfig:
     """The inverse of config_dict; a field added to the code since takes its default."""
     u = dict(d["unet"])
+    if "kind" not in u:
+        raise ValueError("a checkpoint from an older layout of this code (its network config has no "
+                         "'kind'): train it again, or sample it with the code that made it")
     cls = {"UNetConfig": UNetConfig, "EfficientUNetConfig": EfficientUNetConfig}[u.pop("kind")]
     names = {f.name for f in dataclasses.fields(cls)}
     unet = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in u.items() if k in names})
@@ -305,14 +316,13 @@ def load_stage(stage_dir: str) -> LoadedStage:
     """A stage trained by train.py in stage_dir, for sampling: its config (as recorded in the
     checkpoint, run with this backend's policy) and its EMA weights (nothing else is read)."""
     mngr = checkpoint_manager(stage_dir)
-    if mngr.latest_step() is None:
+    step = mngr.latest_step()
+    if step is None:
         raise FileNotFoundError(stage_dir)
-    meta = read_meta(mngr)
-    config = dataclasses.replace(stage_from_dict(meta["stage"]), text_encoder=meta["text_encoder"])
-    config = with_backend(config, backend())
+    config = with_backend(stage_from_dict(read_meta(mngr, step)["stage"]), backend())
     graphdef, params = nnx.split(abstract_network(config))
-    ema = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(ema=ocp.args.StandardRestore(params)))["ema"]
-    return LoadedStage(config, nnx.merge(graphdef, ema), mngr.latest_step())
+    ema = mngr.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(params)))["ema"]
+    return LoadedStage(config, nnx.merge(graphdef, ema), step)
 
 
 def load_cascade(workdir: str, num_stages: int = 3) -> list[LoadedStage]:

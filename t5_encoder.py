@@ -263,7 +263,7 @@ def load_t5(name_or_path: str, dtype=jnp.bfloat16, download: bool = False):
     return nnx.merge(graphdef, state), tokenizer
 
 
-# The demo's text encoder (no weights can be downloaded here): the T5 v1.1 architecture at a
+# The demo's text encoder (the demo downloads no weights): the T5 v1.1 architecture at a
 # tiny size with random, frozen weights, and the ByT5 byte tokenizer (no vocabulary file).
 # demo: one layer, 256 wide, 16 heads of 16; see docs/demo_experiments.md#the-random-text-encoder
 DEMO_T5 = T5Config(vocab_size=384, d_model=256, d_kv=16, d_ff=512, num_layers=1, num_heads=16)

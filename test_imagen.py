@@ -63,9 +63,14 @@ TINY_TRAIN = dataclasses.replace(train.TRAIN_PRESETS["demo"]["sr1"], lr=1e-3, ba
                                  decay_steps=3000, ema_decay=0.9)
 
 
+def tiny_stage(cfg, side=16):
+    """A tiny stage around a network config (a super-resolution one if the network takes a low-res input)."""
+    return dataclasses.replace(TINY_STAGES["sr1" if cfg.lowres_cond else "base"], unet=cfg, train_side=side)
+
+
 def make_net(cfg, side=16, seed=0):
     """A tiny network, initialised (imagen.init_network on a stage around it)."""
-    return imagen.init_network(dataclasses.replace(TINY_STAGES["base"], unet=cfg, train_side=side), seed)
+    return imagen.init_network(tiny_stage(cfg, side), seed)
 
 
 
@@ -567,7 +572,7 @@ def test_efficient_unet_block_order_and_resolutions(monkeypatch):
 
 def test_count_params_matches_an_initialised_model():
     for cfg in (TINY_BASE, TINY_SR1, TINY_SR2):
-        stage = dataclasses.replace(TINY_STAGES["base"], unet=cfg)
+        stage = tiny_stage(cfg)
         real = sum(x.size for x in jax.tree.leaves(nnx.state(make_net(cfg), nnx.Param)))
         assert imagen.count_params(stage) == real
 
@@ -738,10 +743,15 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="prediction: checkpoint 'v', now 'eps'"):
         train.train(dataclasses.replace(TINY_STAGES["base"], prediction="eps"), dataclasses.replace(TINY_TRAIN, steps=2),
                     str(tmp_path), progress=False)
+    with pytest.raises(SystemExit, match="seed: checkpoint 0, now 1"):  # nor another seed
+        train.train(TINY_STAGES["base"], dataclasses.replace(TINY_TRAIN, steps=2), str(tmp_path), seed=1,
+                    progress=False)
     # how the network runs (dtype, attention kernel, remat) is not another configuration
     train.train(dataclasses.replace(TINY_STAGES["base"], unet=dataclasses.replace(TINY_STAGES["base"].unet, remat=True)),
                 dataclasses.replace(TINY_TRAIN, steps=2), str(tmp_path), progress=False)
     assert imagen.checkpoint_manager(str(tmp_path)).latest_step() == 2
+    state = _train(tmp_path, 2)  # trained that far already: nothing to do, nothing saved
+    assert int(state["step"]) == 2 and imagen.checkpoint_manager(str(tmp_path)).latest_step() == 2
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -105,11 +105,9 @@ def abstract_state(stage, tcfg):
 
 
 def make_mesh(n=None):
-    """The first n (default all) devices on one 'data' axis. Auto axis type: XLA propagates the
-    shardings (it inserts the gradient all-reduce); the model code needs no annotations."""
+    """The first n (default all) devices on one 'data' axis; XLA propagates the shardings."""
     n = n or jax.device_count()
-    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=jax.devices()[:n])
+    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n])
 
 
 def make_train_step(graphdef, stage, tcfg, grad_accum: int, seed: int):
@@ -144,6 +142,7 @@ def make_train_step(graphdef, stage, tcfg, grad_accum: int, seed: int):
         else:
             carry, _ = jax.lax.scan(accumulate, carry, micro)
         loss, grads = jax.tree.map(lambda g: g / grad_accum, carry)
+        loss = jnp.where(jnp.isfinite(optax.global_norm(grads)), loss, jnp.nan)  # a bad gradient: NaN too
         updates, opt = optimizer.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         # paper: not specified how the EMA starts; the usual warm-up min(decay, (1 + n) / (10 + n))
@@ -162,7 +161,7 @@ def batch_shapes(stage, batch, text_len):
     shapes = {"image": ((batch, s, s, 3), f32), "text_emb": ((batch, text_len, stage.unet.text_dim), f32),
               "text_mask": ((batch, text_len), jnp.bool_), "row": ((batch,), jnp.int32)}
     if stage.lowres_side:
-        low = s * stage.lowres_side // stage.side
+        low = stage.train_lowres_side
         shapes["lowres"] = ((batch, low, low, 3), f32)
     return {k: jax.ShapeDtypeStruct(*v) for k, v in shapes.items()}
 
@@ -188,30 +187,34 @@ def _compile_step(stage, tcfg, mesh, grad_accum, seed):
 # The loop and its helpers
 # ---------------------------------------------------------------------------------------------
 
-def check_config(meta, stage, text_encoder, workdir):
-    """Refuse to resume a checkpoint made with another config, saying what differs."""
+def check_config(old, meta, workdir):
+    """Refuse to resume a checkpoint made with another configuration (the stage, the training
+    settings but the step count, the seed, the data, the number of hosts), saying what differs."""
     flat = lambda d, p="": {f"{p}{k}": v for k, v in d.items() if not isinstance(v, dict)} | {
         kk: vv for k, v in d.items() if isinstance(v, dict) for kk, vv in flat(v, f"{p}{k}.").items()}
-    # read back through stage_from_dict: a field added since the checkpoint takes its default
-    theirs = flat(imagen.config_dict(imagen.stage_from_dict(meta["stage"])) | {"text_encoder": meta["text_encoder"]})
-    ours = flat(imagen.config_dict(stage) | {"text_encoder": text_encoder})
+    try:  # read back through stage_from_dict: a field added since the checkpoint takes its default
+        old = dict(old, stage=imagen.config_dict(imagen.stage_from_dict(old["stage"])))
+    except ValueError as e:
+        raise SystemExit(f"{workdir}: {e}") from None
+    theirs, ours = (flat({k: d[k] for k in ("stage", "train", "seed", "data")} | {"hosts": len(d["position"])})
+                    for d in (old, meta))
     diff = [f"{k}: checkpoint {theirs.get(k)!r}, now {ours.get(k)!r}" for k in sorted(theirs | ours)
-            if theirs.get(k) != ours.get(k)]
+            if theirs.get(k) != ours.get(k) and k != "train.steps"]
     if diff:
         raise SystemExit(f"{workdir} holds a checkpoint of another configuration:\n  " + "\n  ".join(diff) +
-                         "\nUse another --workdir, or the same --preset/--stage/--text-encoder as before.")
+                         "\nUse another --workdir, or the same settings as before (only --steps may change).")
 
 
-def open_text(stage, text_encoder, text_cache, source):
-    """The text encoder, and the offline embedding cache of the dataset's captions (§2.1)."""
-    encoder, tokenizer = data.load_text_encoder(text_encoder)
+def open_text(stage, text_cache, source):
+    """The stage's text encoder, and the offline embedding cache of the dataset's captions (§2.1)."""
+    encoder, tokenizer = data.load_text_encoder(stage.text_encoder)
     if encoder.cfg.d_model != stage.unet.text_dim:
-        raise SystemExit(f"text encoder {text_encoder!r} has width {encoder.cfg.d_model}, the "
+        raise SystemExit(f"text encoder {stage.text_encoder!r} has width {encoder.cfg.d_model}, the "
                          f"{stage.name} network expects {stage.unet.text_dim}")
     if not text_cache:
         return encoder, tokenizer, None
     t5_encoder.cache_embeddings(encoder, tokenizer, [source.caption(i) for i in range(len(source))],
-                                text_cache, encoder_name=text_encoder)
+                                text_cache, encoder_name=stage.text_encoder)
     return encoder, tokenizer, t5_encoder.EmbeddingCache(text_cache)
 
 
@@ -242,7 +245,7 @@ def restore_or_init(mngr, stage, tcfg, meta, seed, mesh, workdir):
     if mngr.latest_step() is None:
         return jax.device_put(init_state(stage, tcfg, seed)[1], replicated), 0
     old = imagen.read_meta(mngr)
-    check_config(old, stage, meta["text_encoder"], workdir)
+    check_config(old, meta, workdir)
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                             abstract_state(stage, tcfg)[1])
     state = imagen.restore_checkpoint(mngr, abstract)
@@ -260,7 +263,7 @@ def checked_losses(pending, step, last_saved, workdir):
     losses = np.asarray(jax.device_get(pending), np.float64)
     if not np.all(np.isfinite(losses)):
         first = int(np.argmin(np.isfinite(losses)))
-        raise SystemExit(f"loss is {losses[first]} at step {step - len(losses) + first + 1}: stopping. "
+        raise SystemExit(f"loss (or gradient) is {losses[first]} at step {step - len(losses) + first + 1}: stopping. "
                          f"Nothing after step {last_saved} was saved; the last good checkpoint in "
                          f"{workdir}/checkpoints is kept. Lower the learning rate or check the data.")
     return losses
@@ -268,9 +271,7 @@ def checked_losses(pending, step, last_saved, workdir):
 
 def all_positions(position):
     """Every host's data position (for the checkpoint)."""
-    if jax.process_count() == 1:
-        return [position]
-    return [int(p) for p in multihost_utils.process_allgather(np.array(position))]
+    return [int(p) for p in np.atleast_1d(multihost_utils.process_allgather(np.array(position)))]
 
 
 class StopSignals:
@@ -289,6 +290,14 @@ class StopSignals:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
 
+    def agreed(self, at_log_step: bool) -> bool:
+        """Whether to stop after this step: at once on one host; with several, at the next log
+        step and on all of them (a signal may reach only one; asking costs a synchronisation)."""
+        mine = self.requested is not None
+        if jax.process_count() == 1 or not at_log_step:
+            return mine and jax.process_count() == 1
+        return bool(multihost_utils.process_allgather(np.array(mine)).any())
+
     def __exit__(self, *exc):
         for s, handler in self._old.items():
             signal.signal(s, handler)
@@ -297,7 +306,7 @@ class StopSignals:
 def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_cache=None,
           grad_accum=1, seed=0, log_every=10, save_every=1000, progress=True):
     """Train `stage` up to tcfg.steps updates in total (resuming from workdir); -> the state."""
-    text_encoder = text_encoder or stage.text_encoder
+    stage = dataclasses.replace(stage, text_encoder=text_encoder or stage.text_encoder)
     B = tcfg.batch_size
     if B % (grad_accum * jax.device_count()) or B % jax.process_count():
         raise SystemExit(f"--batch-size {B} must divide by --grad-accum x devices = "
@@ -306,15 +315,18 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
     # set-up: the mesh, the data, the text encoder
     mesh = make_mesh()
     source = data.open_source(data_spec, seed)
-    text = open_text(stage, text_encoder, text_cache, source)
+    text = open_text(stage, text_cache, source)
     # restore or init, then compile the step
     mngr = imagen.checkpoint_manager(workdir)
-    meta = {"stage": imagen.config_dict(stage), "text_encoder": text_encoder, "seed": seed,
-            "train": dataclasses.asdict(tcfg), "data": data_spec}
+    meta = {"stage": imagen.config_dict(stage), "train": dataclasses.asdict(tcfg), "seed": seed,
+            "data": data_spec, "position": [0] * jax.process_count()}
     state, position = restore_or_init(mngr, stage, tcfg, meta, seed, mesh, workdir)
+    start = last_saved = int(state["step"])
+    if start >= tcfg.steps:
+        print(f"{workdir} is trained to step {start}; nothing to do for --steps {tcfg.steps}")
+        return state
     step_fn = compile_step(stage, tcfg, mesh, grad_accum, seed)
     _, lr_fn = make_optimizer(tcfg)
-    start = last_saved = int(state["step"])
     pending, skipped, t_log = [], 0, time.time()
     bar = tqdm(total=tcfg.steps, initial=start, desc=f"train {stage.name}", unit="step", disable=not progress)
     with StopSignals() as stop, bar:
@@ -325,8 +337,9 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
             position, skipped = next_position, skipped + bad
             pending.append(loss)
             bar.update(1)
+            stopping = stop.agreed(at_log_step=step % log_every == 0)
             # log every log_every steps (and check the losses are finite)
-            if step % log_every == 0 or step == tcfg.steps or stop.requested:
+            if step % log_every == 0 or step == tcfg.steps or stopping:
                 losses = checked_losses(pending, step, last_saved, workdir)
                 rec = {"step": step, "loss": float(np.mean(losses[-log_every:])), "lr": float(lr_fn(step - 1)),
                        "img_per_s": B * len(losses) / (time.time() - t_log), "skipped_images": skipped}
@@ -336,13 +349,13 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.1f}")
                 pending, t_log = [], time.time()
             # save every save_every steps, at the end, and when asked to stop
-            if step % save_every == 0 or step == tcfg.steps or stop.requested:
+            if step % save_every == 0 or step == tcfg.steps or stopping:
                 checked_losses(pending, step, last_saved, workdir)
                 imagen.save_checkpoint(mngr, state, dict(meta, position=all_positions(position)))
                 last_saved = step
-            if stop.requested:
-                raise SystemExit(f"{stop.requested}: stopped after step {step}; checkpoint saved in "
-                                 f"{workdir}. Run the same command again to resume.")
+            if stopping:
+                raise SystemExit(f"{stop.requested or 'a signal to another host'}: stopped after step {step}; "
+                                 f"checkpoint saved in {workdir}. Run the same command again to resume.")
     if skipped:
         print(f"{skipped} unreadable images were skipped")
     return state
@@ -389,7 +402,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(imagen.PRESETS), default="demo")
     p.add_argument("--stage", choices=list(imagen.STAGE_NAMES), default=None, help="the stage to train")
-    p.add_argument("--workdir", default=None, help="default runs/<preset>-<stage>")
+    p.add_argument("--workdir", default=None, help="default runs/<preset>/<stage>")
     p.add_argument("--steps", type=int, default=None, help="total updates (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (paper: 2048)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
@@ -428,7 +441,7 @@ def main(argv=None):
                                         if v is not None})
     if args.dry_run:
         return dry_run(stage, tcfg, args.grad_accum, args.seed)
-    workdir = args.workdir or os.path.join("runs", f"{args.preset}-{args.stage}")
+    workdir = args.workdir or os.path.join("runs", args.preset, args.stage)  # sample.py reads runs/<preset>
     train(stage, tcfg, workdir, data_spec=args.data, text_encoder=args.text_encoder, text_cache=args.text_cache,
           grad_accum=args.grad_accum, seed=args.seed, log_every=args.log_every, save_every=args.save_every)
 

@@ -86,7 +86,7 @@ class GroupNorm(nnx.Module):
 # compile faster when a model's initialisers are jitted together. paper: not specified; no
 # zero-initialised output layers (ADM's zero_module): with Adafactor's relative step sizes
 # (optax's default multiply_by_parameter_scale, §4.1 base model) a zero parameter moves by only
-# lr x 1e-3 per step, which stalls its training.
+# lr x 1e-3 per step, which stalled training when tried.
 _fan_in_normal = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")
 
 
