@@ -64,6 +64,17 @@ class StageConfig:
         return self.train_side * self.lowres_side // self.side
 
 
+_F2 = EfficientUNetConfig(block_channels=(128, 256, 512, 1024), block_res_blocks=(2, 4, 8, 8),
+                          block_self_attn=(False, False, False, True),
+                          block_cross_attn=(False, False, False, False), num_heads=8,
+                          feature_pooling="attention", use_scale_shift_norm=True, dropout=0.0)  # the F.2 listing
+# F.3: "as F.2" but without self-attention: explicit text cross-attention instead
+_F3 = dataclasses.replace(_F2, block_self_attn=(False, False, False, False),
+                          block_cross_attn=(False, False, False, True))
+_demo_f2 = EfficientUNetConfig(block_channels=(32, 64, 64), block_res_blocks=(1, 1, 2),
+                               block_self_attn=(False, False, True), block_cross_attn=(False, False, False),
+                               num_heads=4, text_dim=t5_encoder.DEMO_T5.d_model, norm_groups=8, emb_mult=4)
+
 PRESETS = {
     "paper": {
         "base": StageConfig(
@@ -75,22 +86,11 @@ PRESETS = {
                             use_scale_shift_norm=True, dropout=0.0)),  # the F.1 listing
         "sr1": StageConfig(
             preset="paper", name="sr1", section="App. B.1, F.2", side=256, lowres_side=64, train_side=256,
-            schedule="cosine", paper_params=600e6,
-            unet=EfficientUNetConfig(block_channels=(128, 256, 512, 1024), block_res_blocks=(2, 4, 8, 8),
-                                     block_self_attn=(False, False, False, True),
-                                     block_cross_attn=(False, False, False, False), num_heads=8,
-                                     feature_pooling="attention", use_scale_shift_norm=True,
-                                     dropout=0.0)),  # the F.2 listing
+            schedule="cosine", paper_params=600e6, unet=_F2),
         "sr2": StageConfig(
-            # F.3: as F.2 but without self-attention: explicit text cross-attention instead;
             # trained on 256x256 crops of the 1024 images (§2.5)
             preset="paper", name="sr2", section="App. B.1, F.3", side=1024, lowres_side=256, train_side=256,
-            schedule="linear", paper_params=400e6,
-            unet=EfficientUNetConfig(block_channels=(128, 256, 512, 1024), block_res_blocks=(2, 4, 8, 8),
-                                     block_self_attn=(False, False, False, False),
-                                     block_cross_attn=(False, False, False, True), num_heads=8,
-                                     feature_pooling="attention", use_scale_shift_norm=True,
-                                     dropout=0.0)),
+            schedule="linear", paper_params=400e6, unet=_F3),
     },
     # The demo (demo.py): a cascade 32 -> 64 -> 128 trained in minutes on 2 CPU cores with a
     # random text encoder. Every choice that is not the paper's is marked and links its evidence
@@ -113,19 +113,14 @@ PRESETS = {
             # docs/demo_experiments.md#the-super-resolution-stages
             preset="demo", name="sr1", section="demo of App. F.2", side=64, lowres_side=32, train_side=32,
             schedule="cosine", paper_params=0, text_encoder="demo-t5", text_length=64, prediction="v",
-            unet=EfficientUNetConfig(
-                block_channels=(32, 64, 64), block_res_blocks=(1, 1, 2),
-                block_self_attn=(False, False, True), block_cross_attn=(False, False, False),
-                num_heads=4, text_dim=t5_encoder.DEMO_T5.d_model, norm_groups=8, emb_mult=4)),
+            unet=_demo_f2),
         "sr2": StageConfig(
             # demo: the cosine schedule, not F.3's linear one; see
             # docs/demo_experiments.md#the-super-resolution-stages
             preset="demo", name="sr2", section="demo of App. F.3", side=128, lowres_side=64, train_side=32,
             schedule="cosine", paper_params=0, text_encoder="demo-t5", text_length=64, prediction="v",
-            unet=EfficientUNetConfig(
-                block_channels=(32, 64, 64), block_res_blocks=(1, 1, 2),
-                block_self_attn=(False, False, False), block_cross_attn=(False, False, True),
-                num_heads=4, text_dim=t5_encoder.DEMO_T5.d_model, norm_groups=8, emb_mult=4)),
+            unet=dataclasses.replace(_demo_f2, block_self_attn=(False, False, False),
+                                     block_cross_attn=(False, False, True))),  # as F.3 to F.2
     },
 }
 STAGE_NAMES = ("base", "sr1", "sr2")
