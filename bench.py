@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import diffusion
 import imagen
 import train
+from unet import UNetConfig
 
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "peers", "imagen_pytorch_bench.py")
 # The peer's "tiny" U-Net (imagen_pytorch_bench.py) in our U-Net's terms: widths 64-256, two
@@ -84,14 +85,15 @@ def bench_train(stage, tcfg, batch, text_len, steps):
     flops = xla_flops(lambda st: train.make_train_step(train.abstract_state(st, tcfg)[0], st, tcfg, 1, 0),
                       stage, abstract, shapes)
     t = time.perf_counter()  # compile time from here: the FLOP count above is not part of it
-    step = train.compile_step(stage, tcfg, mesh, 1, 0)
+    step = train.compile_step(stage, tcfg, mesh, 1, 0).lower(abstract, shapes).compile()
+    mem = step.memory_analysis()  # XLA's plan, on every backend
     _, state = train.init_state(stage, tcfg, 0)
     state = jax.device_put(state, NamedSharding(mesh, P()))
     rng = np.random.default_rng(0)
     b = {k: (rng.standard_normal(s.shape).astype(np.float32) if s.dtype == jnp.float32 else
              np.ones(s.shape, bool) if s.dtype == jnp.bool_ else np.arange(s.shape[0], dtype=np.int32))
          for k, s in shapes.items()}
-    state, loss = step(state, b)  # the first call compiles (cached) and warms up
+    state, loss = step(state, b)  # warm-up
     jax.block_until_ready(loss)
     compile_s = time.perf_counter() - t
     print(f"train step compiled in {compile_s:.0f} s", file=sys.stderr, flush=True)
@@ -100,9 +102,40 @@ def bench_train(stage, tcfg, batch, text_len, steps):
         state, loss = step(state, b)
     jax.block_until_ready(loss)
     dt = (time.perf_counter() - t) / steps
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.devices()[0].memory_stats() or {}  # measured: accelerators only
+    planned = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     return {"step_s": dt, "img_per_s": batch / dt, "flops_per_step": flops, "tflops": flops / dt / 1e12,
-            "compile_s": compile_s, "peak_mem_GiB": stats.get("peak_bytes_in_use", 0) / 2 ** 30}
+            "compile_s": compile_s, "peak_mem_GiB": stats.get("peak_bytes_in_use", 0) / 2 ** 30,
+            "planned_mem_GiB": planned / 2 ** 30}
+
+
+def efficient_and_plain(div=1):
+    """App. D.3.2's comparison on the 64->256 task: the F.2 Efficient U-Net (the paper preset)
+    and a plain U-Net of about its parameter count as [40, 58] build them (ADM, the base's
+    network: the same residual blocks at every level, resampling after them): 128 channels x
+    (1, 2, 4, 8, 8) at 256 ... 16, two BigGAN blocks per level, attention with the text at 16x16
+    as in F.2. div divides every width (and the text's), for a run on a CPU."""
+    sr1 = imagen.PRESETS["paper"]["sr1"]
+    text = dict(text_dim=sr1.unet.text_dim // div)
+    eff = dataclasses.replace(sr1.unet, block_channels=tuple(c // div for c in sr1.unet.block_channels), **text)
+    plain = UNetConfig(lowres_cond=True, channels=128 // div, channel_mult=(1, 2, 4, 8, 8), num_res_blocks=2,
+                       attn_resolutions=(16,), text_cross_attn_res=(16,), **text)
+    return {"efficient": dataclasses.replace(sr1, unet=eff), "plain": dataclasses.replace(sr1, unet=plain)}
+
+
+def bench_efficient_vs_plain(b, batch, steps, div):
+    """Training steps/s and memory of both networks of efficient_and_plain(div), in one run."""
+    tcfg = train.TRAIN_PRESETS["paper"]["sr1"]
+    r = {"width_div": div}
+    for name, stage in efficient_and_plain(div).items():
+        stage = imagen.with_backend(stage, b)
+        res = bench_train(stage, tcfg, batch, stage.text_length, steps)
+        r[name] = {"params": imagen.count_params(stage), **res}
+        print(f"{name}: {r[name]['params'] / 1e6:.1f}M parameters, {1 / res['step_s']:.3g} steps/s, "
+              f"{res['planned_mem_GiB']:.2f} GiB planned", file=sys.stderr, flush=True)
+    r["steps_per_s_ratio"] = r["plain"]["step_s"] / r["efficient"]["step_s"]
+    r["memory_ratio"] = r["plain"]["planned_mem_GiB"] / r["efficient"]["planned_mem_GiB"]
+    return r
 
 
 def bench_sampling_step(stage, batch, text_len):
@@ -168,9 +201,19 @@ def main(argv=None):
                    help="interpreter with torch + imagen-pytorch for the peer (default: this one)")
     p.add_argument("--peer-widths", action="store_true",
                    help="demo base only: our U-Net at the widths of the peer's tiny U-Net (PEER_TINY_UNET)")
+    p.add_argument("--efficient-vs-plain", action="store_true",
+                   help="App. D.3.2: train steps/s and memory of the F.2 Efficient U-Net and a plain U-Net of "
+                        "its size on 64->256 (efficient_and_plain), instead of the stage benchmark")
+    p.add_argument("--width-div", type=int, default=1, help="with --efficient-vs-plain: divide every width")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     b = imagen.backend(a.dtype, a.attention)
+    if a.efficient_vs_plain:
+        r = {"device": jax.devices()[0].device_kind, "dtype": b.dtype, "batch": a.batch_size,
+             **bench_efficient_vs_plain(b, a.batch_size, a.steps, a.width_div)}
+        print(json.dumps(r) if a.json else f"plain / efficient: {r['steps_per_s_ratio']:.2f}x the step time, "
+              f"{r['memory_ratio']:.2f}x the memory (paper: the Efficient U-Net is 2-3x faster)")
+        return r
     dtype = b.dtype
     stage = imagen.with_backend(imagen.PRESETS[a.preset][a.stage], b, a.remat)
     if a.peer_widths:

@@ -2,7 +2,7 @@
 
 Saharia et al. 2022, §4.1 trains on ~860M image-text pairs (internal data + LAION-400M); the
 super-resolution models get their low-resolution input by down-sampling, and the 256->1024
-model trains on 64->256 random crops of the 1024 images (§2.5, App. F.3). Sources:
+model trains on 64->256 random crops of the 1024 images (§2.5). Sources:
   - a folder of images with same-named .txt captions (a.jpg + a.txt), searched recursively;
   - WebDataset-style .tar shards (what img2dataset writes for LAION: NNNN.jpg + NNNN.txt),
     read with the standard library's tarfile;

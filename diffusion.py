@@ -204,17 +204,31 @@ def ancestral_step(z_t, x0_hat, log_snr_t, log_snr_s, noise, gamma):
 # Noise conditioning augmentation (§2.4)
 # ---------------------------------------------------------------------------------------------
 
-def noise_augment(lowres_BHWC, aug_level, noise, log_snr_fn):
-    """Noise conditioning augmentation, §2.4: corrupt the low-resolution conditioning image with
-    the stage's own forward process at time aug_level in [0, 1], and return the corrupted image
-    and its log-SNR, which the super-resolution network is conditioned on.
+def resize_lowres(x_BHWC, side: int):
+    """A low-resolution image (B, h, w, C) resized to (B, side, side, C), the size of the image
+    it conditions. paper: not specified; bicubic (SR3 and imagen-pytorch up-sample bicubically
+    or bilinearly)."""
+    B, _, _, C = x_BHWC.shape
+    return jax.image.resize(x_BHWC.astype(jnp.float32), (B, side, side, C), "bicubic")
+
+
+def noise_augment(lowres_BHWC, aug_level_B, noise_BHWC, log_snr_fn, side):
+    """Noise conditioning augmentation, §2.4: "we corrupt the low-resolution image with the
+    augmentation", so the image (B, h, w, C) is corrupted at its own, low resolution and then
+    resized to the stage's side. Returns the image the network sees, (B, side, side, C), and
+    the augmentation's log-SNR (B,), which the network is conditioned on.
 
     paper: not specified how aug_level maps to a noise level ("Gaussian noise augmentation ...
-    resembling the forward process"); we use the stage's schedule at t = aug_level, so
-    aug_level = 0 is no noise and aug_level = 1 is pure noise. aug_level: (B,).
+    resembling the forward process"); we run the stage's own forward process to t = aug_level,
+    so aug_level = 0 is no noise and 1 pure noise, and a level means a different log-SNR on each
+    stage's schedule: aug_level = 0.3 is log-SNR +1.31 (alpha 0.89) on the cosine schedule of
+    the 64->256 model, and -0.42 (alpha 0.63) on the linear schedule of the 256->1024 model. So
+    Fig. A.12's "aug_level = 0.3 for both" super-resolution models, read this way, corrupts the
+    256x256 input of the 256->1024 model much more than the 64x64 input of the 64->256 model.
+    noise_BHWC: standard normal noise of the low-resolution image's shape.
     """
-    aug_log_snr_B = log_snr_fn(aug_level)
-    return q_sample(lowres_BHWC, aug_log_snr_B, noise), aug_log_snr_B
+    aug_log_snr_B = log_snr_fn(aug_level_B)
+    return resize_lowres(q_sample(lowres_BHWC, aug_log_snr_B, noise_BHWC), side), aug_log_snr_B
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,12 +249,12 @@ def diffusion_loss(eps_fn, x0_BHWC, txt_BLD, mask_BL, keys, log_snr_fn, p_uncond
                    max_aug_level=1.0, prediction="eps"):
     """Imagen's training loss: plain MSE on epsilon (App. A), t ~ U(0, 1) in continuous time
     (App. F), text dropped with probability p_uncond = 10% (§4.1). For super-resolution stages
-    (lowres_BHWC given, already resized to x0's size) the conditioning image is noise-augmented at
-    aug_level ~ U(0, max_aug_level) per example (§2.4).
+    (lowres_BHWC given, at its low resolution) the conditioning image is noise-augmented at
+    aug_level ~ U(0, max_aug_level) per example, then resized to x0's side (§2.4).
 
     keys: one PRNG key per example, (B, 2), so that an example's noise does not depend on how
     the batch is split over devices, hosts or micro-batches.
-    paper: not specified how aug_level is drawn in training ("chosen randomly"); we use
+    §2.4: "During training, aug_level is chosen randomly"; uniformly in Fig. A.32's pseudo-code:
     U(0, max_aug_level), 1 by default (train.TrainConfig.max_aug_level).
     prediction: "eps" (the paper) or "v" (see PREDICTIONS): plain MSE on that target.
     Returns the mean loss over the batch (a scalar, float32).
@@ -257,7 +271,7 @@ def diffusion_loss(eps_fn, x0_BHWC, txt_BLD, mask_BL, keys, log_snr_fn, p_uncond
     txt_BLD, mask_BL = drop_text(txt_BLD, mask_BL, drop_B)
     aug_log_snr_B = None
     if lowres_BHWC is not None:
-        lowres_BHWC, aug_log_snr_B = noise_augment(lowres_BHWC, aug_level_B, aug_eps, log_snr_fn)
+        lowres_BHWC, aug_log_snr_B = noise_augment(lowres_BHWC, aug_level_B, aug_eps, log_snr_fn, x0_BHWC.shape[1])
     out_BHWC = eps_fn(z_t_BHWC, log_snr_B, txt_BLD, mask_BL, lowres_BHWC, aug_log_snr_B)
     target_BHWC = target(x0_BHWC, eps_BHWC, log_snr_B, prediction)
     return jnp.mean(jnp.square(out_BHWC.astype(jnp.float32) - target_BHWC))
@@ -277,9 +291,9 @@ def sample(eps_fn, key, shape, txt_BLD, mask_BL, log_snr_fn, steps, w=1.0, sampl
     (§2.3), then a DDIM or ancestral step (App. A). The loop is a lax.fori_loop: under jax.jit
     there is no host round trip per step. Returns the last x0_hat, (B, H, W, C) float32.
 
-    For super-resolution stages, lowres_BHWC (B, H, W, C) is the previous stage's output resized to
-    this stage's size; it is noise-augmented once at the fixed aug_level (§2.4) and the same
-    corrupted image conditions every step.
+    For super-resolution stages, lowres_BHWC (B, h, w, C) is the previous stage's output at its own
+    side; it is noise-augmented once at the fixed aug_level, then resized to this stage's side
+    (§2.4), and the same corrupted image conditions every step.
 
     paper: not specified: the step counts and gamma; ancestral sampling with gamma = 0 (the
     posterior variance of DDPM) is our default. prediction: what eps_fn outputs ("eps", the
@@ -292,7 +306,7 @@ def sample(eps_fn, key, shape, txt_BLD, mask_BL, log_snr_fn, steps, w=1.0, sampl
     if lowres_BHWC is not None:
         lowres_BHWC, aug_log_snr_B = noise_augment(
             lowres_BHWC, jnp.full((B,), aug_level, jnp.float32),
-            jax.random.normal(k_aug, lowres_BHWC.shape, jnp.float32), log_snr_fn)
+            jax.random.normal(k_aug, lowres_BHWC.shape, jnp.float32), log_snr_fn, shape[1])
 
     guided = not (isinstance(w, (int, float)) and w == 1.0)
     if guided:  # one network call on [cond; uncond]

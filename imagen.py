@@ -31,7 +31,7 @@ from tqdm import tqdm
 import diffusion
 import t5_encoder
 from efficient_unet import EfficientUNet, EfficientUNetConfig
-from unet import UNet, UNetConfig, resize_lowres
+from unet import UNet, UNetConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +73,10 @@ _F3 = dataclasses.replace(_F2, block_self_attn=(False, False, False, False),
                           block_cross_attn=(False, False, False, True))
 _demo_f2 = EfficientUNetConfig(block_channels=(32, 64, 64), block_res_blocks=(1, 1, 2),
                                block_self_attn=(False, False, True), block_cross_attn=(False, False, False),
-                               num_heads=4, text_dim=t5_encoder.DEMO_T5.d_model, norm_groups=8, emb_mult=4)
+                               num_heads=4, text_dim=t5_encoder.DEMO_T5.d_model, norm_groups=8, emb_mult=4,
+                               # demo: the first block keeps the full side, not F.2's stride 2; see
+                               # docs/demo_experiments.md#the-super-resolution-stages
+                               block_strides=(1, 2, 2))
 
 PRESETS = {
     "paper": {
@@ -83,7 +86,10 @@ PRESETS = {
             unet=UNetConfig(channels=512, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
                             attn_resolutions=(32, 16, 8), text_cross_attn_res=(32, 16, 8),
                             per_head_channels=64, feature_pooling="attention",
-                            use_scale_shift_norm=True, dropout=0.0)),  # the F.1 listing
+                            use_scale_shift_norm=True, dropout=0.0,  # the F.1 listing
+                            # where F.1 is open, the reading of the stated 2B (§4.1): NVIDIA
+                            # Rosetta's imagen_base_2B.gin (attn_cond_dim 2048, 8 heads of 64)
+                            text_cond_dim=2048, num_heads=8)),
         "sr1": StageConfig(
             preset="paper", name="sr1", section="App. B.1, F.2", side=256, lowres_side=64, train_side=256,
             schedule="cosine", paper_params=600e6, unet=_F2),
@@ -129,24 +135,28 @@ STAGE_NAMES = ("base", "sr1", "sr2")
 @dataclasses.dataclass(frozen=True)
 class SampleSettings:
     """How one stage is sampled (App. A, §2.2-2.4). Defaults: the paper's "best samples"."""
-    guidance: float = 5.0  # w, §2.2; Figs. A.10-A.12 use 5
+    guidance: float = 5.0  # w, §2.2; Fig. A.10: "a guidance weight of 5 for both" models
     steps: int = 100  # paper: not specified; DeepFloyd IF's 100 (base) and 50 (super-resolution)
     sampler: str = "ddpm"  # "ddpm" (ancestral) or "ddim", App. A
     gamma: float = 0.0  # ancestral variance interpolation (App. A); paper: not specified; 0
     threshold: str = "dynamic"  # "none" | "static" | "dynamic", §2.3
-    p: float = 99.5  # dynamic thresholding percentile, Fig. A.10
-    aug_level: float = 0.3  # super-resolution stages only; §2.4, App. D.2 (Fig. A.12 uses 0.3)
+    p: float = 99.5  # dynamic thresholding percentile, Fig. A.10 "(p = 99.5)"
+    # super-resolution stages only (§2.4). App. D.2: "for our best samples, we generally use
+    # aug_level in [0.1, 0.3]"; Fig. A.12: "aug_level = 0.3 for both super-res models"
+    aug_level: float = 0.3
 
 
 _demo_sr = SampleSettings(guidance=1.0, steps=15, threshold="static", aug_level=0.0)
 SAMPLING = {
-    # App. D.2 "best samples": guidance 5, aug level 0.3, dynamic thresholding
+    # the paper's best samples: w = 5 (Fig. A.10), aug level 0.3 (App. D.2, Fig. A.12),
+    # dynamic thresholding at p = 99.5 (§2.3, Fig. A.10)
     "paper-best": {"base": SampleSettings(steps=100), "sr1": SampleSettings(steps=50),
                    "sr2": SampleSettings(steps=50)},
-    # Table 1, COCO FID-30K: w = 1.35 (base) and 8.0 (super-resolution), aug level 0
-    "coco-fid": {"base": SampleSettings(guidance=1.35, steps=100, aug_level=0.0),
-                 "sr1": SampleSettings(guidance=8.0, steps=50, aug_level=0.0),
-                 "sr2": SampleSettings(guidance=8.0, steps=50, aug_level=0.0)},
+    # Table 1, COCO 256x256 FID-30K, two stages: "a guidance weight of 1.35 for our 64 × 64
+    # model, and a guidance weight of 8.0 for our super-resolution model"; aug level 0 from App.
+    # D.2: "aug_level = 0 gives the best FID score for all values of guidance weight"
+    "coco-fid": {"base": SampleSettings(guidance=1.35, steps=100),
+                 "sr1": SampleSettings(guidance=8.0, steps=50, aug_level=0.0)},
     # demo: static thresholding (docs/demo_experiments.md#why-static-thresholding); base w = 3
     # (#the-demo-bases-optimizer-and-guidance); SR stages unguided, no augmentation, 15 steps
     # (#the-super-resolution-stages)
@@ -361,15 +371,14 @@ def _sampler(graphdef, schedule, prediction, shape, guided, steps, sampler, gamm
 
 def sample_stage(stage: LoadedStage, key, txt_BLD, mask_BL, settings: SampleSettings, prev_BHWC=None):
     """One stage for one batch: (B, side, side, 3) in [-1, 1]. prev_BHWC: the previous stage's
-    output, resized to this stage's side and noise-augmented at settings.aug_level (§2.4)."""
+    output, noise-augmented at settings.aug_level and resized to this stage's side (§2.4)."""
     cfg = stage.config
     B, side = txt_BLD.shape[0], cfg.side
-    lowres_BHWC = None if prev_BHWC is None else resize_lowres(prev_BHWC, side)
     graphdef, state = nnx.split(stage.model)
     s = settings
     run = _sampler(graphdef, cfg.schedule, cfg.prediction, (B, side, side, cfg.unet.in_channels),
                    s.guidance != 1.0, s.steps, s.sampler, s.gamma, s.threshold, s.p)
-    x_BHWC = run(state, key, txt_BLD, mask_BL, lowres_BHWC, jnp.float32(s.guidance), jnp.float32(s.aug_level))
+    x_BHWC = run(state, key, txt_BLD, mask_BL, prev_BHWC, jnp.float32(s.guidance), jnp.float32(s.aug_level))
     return jnp.clip(x_BHWC, -1.0, 1.0)
 
 

@@ -62,7 +62,8 @@ def parse_args(argv):
     p.add_argument("--workdir", default="runs/demo", help="holds base/, sr1/, sr2/ from train.py")
     p.add_argument("--out", default=None, help="default WORKDIR/samples")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stages", type=int, choices=[1, 2, 3], default=3)
+    p.add_argument("--stages", type=int, choices=[1, 2, 3], default=None,
+                   help="how many stages to run (default: those of --sampling: 3, or 2 for coco-fid)")
     p.add_argument("--sampling", choices=list(imagen.SAMPLING), default=None,
                    help="named settings (default: the cascade's preset's: paper-best or demo)")
     p.add_argument("--guidance", default=None, help="w, one value or one per stage: 5 or 5,8,8")
@@ -100,6 +101,11 @@ def run(args):
     if not args.prompts and not args.prompt_set:
         raise SystemExit("usage: python sample.py --workdir DIR \"a prompt\" [\"another\" ...] "
                          "(or --prompts drawbench); see --help")
+    named = imagen.SAMPLING[args.sampling] if args.sampling else None
+    args.stages = args.stages or (len(named) if named else 3)
+    if named and args.stages > len(named):
+        raise SystemExit(f"--sampling {args.sampling} gives settings for {len(named)} stages "
+                         f"({', '.join(named)}): use --stages {len(named)} or fewer")
     try:
         stages = imagen.load_cascade(args.workdir, args.stages)
     except FileNotFoundError as e:

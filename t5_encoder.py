@@ -1,8 +1,8 @@
 """The frozen T5 text encoder of Imagen, in Flax NNX, loading Hugging Face T5 v1.1 checkpoints.
 
 Saharia et al. 2022, §2.1 and App. D.1: Imagen conditions on the contextual embeddings of a
-frozen, text-only language model, T5-XXL's encoder (4.6B parameters); the embeddings can be
-computed offline. The paper's ablation also uses T5 small / base / large / XL.
+frozen, text-only language model, T5-XXL's encoder ("T5-XXL (4.6B parameters)", §4.4); the
+embeddings can be computed offline. The paper's ablation also uses T5 small / base / large / XL.
 
 The architecture is T5 v1.1 (Raffel et al. 2020; the google/t5-v1_1-* checkpoints):
   token embedding (no scaling) -> N x [RMSNorm -> self-attention with a relative position bias

@@ -47,8 +47,9 @@ import unet as U  # noqa: E402
 # trained: 256).
 TINY_BASE = U.UNetConfig(channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
                          text_cross_attn_res=(8,), per_head_channels=8, text_dim=12, norm_groups=4)
-TINY_SR1 = E.EfficientUNetConfig(block_channels=(8, 16), block_res_blocks=(1, 2), block_self_attn=(False, True),
-                                 block_cross_attn=(False, False), num_heads=2, text_dim=12, norm_groups=4)
+TINY_SR1 = E.EfficientUNetConfig(block_channels=(8, 16), block_res_blocks=(1, 2), block_strides=(2, 2),
+                                 block_self_attn=(False, True), block_cross_attn=(False, False), num_heads=2,
+                                 text_dim=12, norm_groups=4)
 TINY_SR2 = dataclasses.replace(TINY_SR1, block_self_attn=(False, False), block_cross_attn=(False, True))
 _T = dict(text_dim=T5.DEMO_T5.d_model)
 TINY_STAGES = {
@@ -268,7 +269,7 @@ def test_loss_drops_text_and_augments_lowres():
     B = 2000
     x0 = jnp.zeros((B, 2, 2, 1))
     emb, mask = jnp.ones((B, 3, 4)), jnp.ones((B, 3), bool)
-    lowres = jnp.ones((B, 2, 2, 1))
+    lowres = jnp.ones((B, 1, 1, 1))  # the low-resolution image: half x0's side
     keys = jax.random.split(jax.random.PRNGKey(0), B)
     loss = D.diffusion_loss(eps_fn, x0, emb, mask, keys, D.cosine_log_snr, lowres_BHWC=lowres)
     assert abs(float(loss) - 1.0) < 0.05  # E[eps^2] = 1 for a zero prediction
@@ -276,7 +277,12 @@ def test_loss_drops_text_and_augments_lowres():
     assert 0.07 < dropped.mean() < 0.13  # 10% text dropout, §4.1
     assert np.all(np.asarray(seen["emb"])[dropped] == 0) and np.all(np.asarray(seen["emb"])[~dropped] == 1)
     assert seen["aug"].shape == (B,) and float(jnp.std(seen["aug"])) > 1.0  # a random level
-    assert not np.allclose(seen["lowres"], lowres)  # the conditioning image was corrupted
+    # §2.4: corrupted at its own resolution, then resized: the network sees x0's side, and every
+    # pixel of an example carries the same (low-resolution) noise draw
+    seen_lowres = np.asarray(seen["lowres"])
+    assert seen_lowres.shape == x0.shape
+    np.testing.assert_allclose(seen_lowres, np.broadcast_to(seen_lowres[:, :1, :1], x0.shape), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(seen_lowres, 1.0)  # the conditioning image was corrupted
     # aug_level ~ U(0, max_aug_level): its log-SNR never falls below the schedule's at the max
     D.diffusion_loss(eps_fn, x0, emb, mask, keys, D.cosine_log_snr, lowres_BHWC=lowres, max_aug_level=0.5)
     aug = np.asarray(seen["aug"])
@@ -548,26 +554,44 @@ def test_patch_and_parameter_free_resampling():
     assert patched.conv_in.kernel.shape[2] == 12 and patched.conv_out.kernel.shape[3] == 12
 
 
-def test_efficient_unet_block_order_and_resolutions(monkeypatch):
+@pytest.mark.parametrize("strides, res_sides, strided_inputs", [
+    ((2, 2), [8, 4, 4, 4, 4, 8], [16, 8]),  # F.2 / F.3: every block resamples
+    ((1, 2), [16, 8, 8, 8, 8, 16], [16]),  # the demo's: the first block keeps the side
+])
+def test_efficient_unet_block_order_and_resolutions(monkeypatch, strides, res_sides, strided_inputs):
     seen = []
     orig_res = U.ResBlock.__call__
     orig_conv = nnx.Conv.__call__
     monkeypatch.setattr(U.ResBlock, "__call__", lambda self, x, emb: seen.append(("res", x.shape[1])) or orig_res(self, x, emb))
     monkeypatch.setattr(nnx.Conv, "__call__", lambda self, x: seen.append(("conv", x.shape[1], self.strides)) or orig_conv(self, x))
-    model = make_net(TINY_SR1)
+    model = make_net(dataclasses.replace(TINY_SR1, block_strides=strides))
     B = 1
     model(jnp.zeros((B, 16, 16, 3)), jnp.zeros((B,)), jnp.ones((B, 5, 12)), jnp.ones((B, 5), bool),
           jnp.zeros((B, 16, 16, 3)), jnp.zeros((B,)))  # eager: every call is recorded
-    events = seen
-    # conv_in at 16; DBlock 0 keeps the full resolution: its ResBlock at 16; DBlock 1: strided
-    # conv first (16 -> 8), then two ResBlocks at 8; UBlock 1: ResBlocks at 8, then the
-    # up-sampling conv at 16; UBlock 0: ResBlock at 16, no up-sampling; conv_out at 16.
-    res_seq = [e[1] for e in events if e[0] == "res"]
-    assert res_seq == [16, 8, 8, 8, 8, 16]
-    convs = [(e[1], e[2]) for e in events if e[0] == "conv"]
-    strided = [c[0] for c in convs if c[1] in (2, (2, 2))]
-    assert strided == [16]  # down-sampling happens first in the DBlock
-    assert convs[-1][0] == 16 and events[-1][0] == "conv"
+    # strides (2, 2): conv_in at 16; DBlock 0: strided conv first (16 -> 8), then its ResBlock at
+    # 8; DBlock 1: strided conv (8 -> 4), two ResBlocks at 4; UBlock 1: two ResBlocks at 4, then
+    # nearest 2x and the conv at 8; UBlock 0: its ResBlock at 8, then up to 16; conv_out at 16.
+    assert [e[1] for e in seen if e[0] == "res"] == res_sides
+    convs = [(e[1], e[2]) for e in seen if e[0] == "conv"]
+    assert [c[0] for c in convs if c[1] in (2, (2, 2))] == strided_inputs  # down-sampling comes first
+    assert convs[-1][0] == 16 and seen[-1][0] == "conv"
+
+
+def test_paper_efficient_unets_follow_the_f2_f3_listings():
+    # App. F.2 / F.3 and Figs. A.27-A.28, read off the built networks (nnx.eval_shape: nothing
+    # allocated): every DBlock halves the side, the attention projections are 2 x channels wide,
+    # every ResNetBlock has a 1x1 conv shortcut, residual sums are scaled by 1/sqrt(2)
+    for name in ("sr1", "sr2"):
+        net = imagen.abstract_network(imagen.PRESETS["paper"][name])
+        assert [b.down.strides for b in net.down] == [2, 2, 2, 2]
+        assert [b.upsample for b in net.up] == [True] * 4
+        res = [r for b in list(net.down) + list(net.up) for r in b.res]
+        assert len(res) == 2 * (2 + 4 + 8 + 8) and all(r.shortcut.kernel.shape[:2] == (1, 1) for r in res)
+        assert all(r.out_scale == 2 ** -0.5 for r in res)
+        attn = [b.attn for b in list(net.down) + list(net.up) if b.attn is not None]
+        assert len(attn) == 2 and all(a.q.kernel.shape == (1024, 2048) and a.o.kernel.shape == (2048, 1024)
+                                      and a.heads == 8 for a in attn)
+        assert all(a.self_attn == (name == "sr1") for a in attn)  # F.3: cross-attention instead
 
 
 def test_count_params_matches_an_initialised_model():
@@ -590,7 +614,7 @@ def test_sr2_is_fully_convolutional_on_two_sizes():
     # parameters on a 4x up-sampled 4x4 and 8x8 low-res image
     model = make_net(TINY_SR2)
     for low in (4, 8):
-        lowres = U.resize_lowres(jnp.ones((1, low, low, 3)), 4 * low)
+        lowres = D.resize_lowres(jnp.ones((1, low, low, 3)), 4 * low)
         out = model(jnp.zeros((1, 4 * low, 4 * low, 3)), jnp.zeros((1,)), jnp.ones((1, 5, 12)),
                     jnp.ones((1, 5), bool), lowres, jnp.zeros((1,)))
         assert out.shape == (1, 4 * low, 4 * low, 3)
@@ -905,8 +929,11 @@ def test_a_stage_loads_only_its_ema_weights(tiny_cascade, tmp_path):
 def test_named_sampling_sets():
     best, coco = imagen.SAMPLING["paper-best"], imagen.SAMPLING["coco-fid"]
     assert (best["base"].guidance, best["sr1"].aug_level, best["sr2"].threshold, best["base"].p) == (5.0, 0.3, "dynamic", 99.5)
-    assert [coco[n].guidance for n in imagen.STAGE_NAMES] == [1.35, 8.0, 8.0]  # Table 1
-    assert all(coco[n].aug_level == 0.0 for n in imagen.STAGE_NAMES)
+    # Table 1: FID at 256x256 from the 64x64 model (w = 1.35) and the 64->256 model (w = 8.0)
+    assert list(coco) == ["base", "sr1"] and [coco[n].guidance for n in coco] == [1.35, 8.0]
+    assert coco["sr1"].aug_level == 0.0  # App. D.2: best FID
+    with pytest.raises(SystemExit, match="settings for 2 stages"):
+        sample.main(["--sampling", "coco-fid", "--stages", "3", "a prompt"])
     assert imagen.default_sampling(imagen.PRESETS["paper"]["sr1"]) == best["sr1"]
     assert imagen.default_sampling(TINY_STAGES["sr2"]) == imagen.SAMPLING["demo"]["sr2"]
 

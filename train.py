@@ -40,28 +40,30 @@ import data
 import diffusion
 import imagen
 import t5_encoder
-from unet import resize_lowres
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """How one stage is trained; defaults are §4.1's (the super-resolution models')."""
-    optimizer: str = "adam"  # §4.1: "adafactor" (optax defaults) for the base, "adam" for SR
-    adam_b1: float = 0.9  # §4.1
-    adam_b2: float = 0.999  # §4.1
-    adam_eps: float = 1e-8  # §4.1
-    lr: float = 1e-4  # §4.1, peak
-    warmup_steps: int = 10_000  # §4.1
-    decay_steps: int = 2_500_000  # §4.1: cosine decay over the 2.5M steps
-    # paper: not specified; the printed warmup_cosine_decay_schedule end_value is a typo: 0
+    """How one stage is trained; defaults are §4.1's and App. F's (the super-resolution models')."""
+    # §4.1: Adafactor for the base (F.1: "the default optax.adafactor parameters"), Adam for SR
+    optimizer: str = "adam"
+    adam_b1: float = 0.9  # F.2: optax.adam(..., b1=0.9, b2=0.999, eps=1e-8)
+    adam_b2: float = 0.999  # F.2
+    adam_eps: float = 1e-8  # F.2
+    lr: float = 1e-4  # F.1-F.3: peak learning rate 1e-4
+    warmup_steps: int = 10_000  # F.1-F.3: "10000 linear warmup steps"
+    # F.1, F.2: warmup_cosine_decay_schedule(..., decay_steps=2500000); F.3 gives only the
+    # learning rate and warm-up: the same cosine decay for the 256->1024 model is our extrapolation
+    decay_steps: int = 2_500_000
+    # paper: not specified; the printed warmup_cosine_decay_schedule end_value (2500000) is a typo: 0
     end_lr: float = 0.0
     steps: int = 2_500_000  # §4.1: total updates
     batch_size: int = 2048  # §4.1
     grad_clip: float = 1.0  # paper: not specified; global-norm clipping at 1 (NeMo)
     ema_decay: float = 0.9999  # paper: not specified; NeMo's EMA decay
     p_uncond: float = 0.1  # §4.1: text embeddings zeroed 10% of the time
-    # §2.4: the augmentation level is "randomly sampled" in training; paper: not specified
-    # from what: aug_level ~ U(0, max_aug_level) (super-resolution stages only)
+    # §2.4: "During training, aug_level is chosen randomly", aug_level ∈ [0, 1]; Fig. A.32's
+    # pseudo-code draws it uniformly: aug_level ~ U(0, max_aug_level), 1 (super-resolution only)
     max_aug_level: float = 1.0
 
 
@@ -118,7 +120,7 @@ def make_train_step(graphdef, stage, tcfg, grad_accum: int, seed: int):
 
     def loss_fn(params, mb, step_key):
         model = nnx.merge(graphdef, params)
-        lowres_BHWC = resize_lowres(mb["lowres"], mb["image"].shape[1]) if stage.lowres_side else None
+        lowres_BHWC = mb["lowres"] if stage.lowres_side else None  # at its low side: corrupted, then resized
         keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(mb["row"])  # per example
         return diffusion.diffusion_loss(model, mb["image"], mb["text_emb"], mb["text_mask"], keys,
                                         log_snr_fn, tcfg.p_uncond, lowres_BHWC, tcfg.max_aug_level,

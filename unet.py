@@ -8,8 +8,8 @@ the super-resolution stages (App. B.1) is in efficient_unet.py and uses the laye
 Both networks share one call signature,
     model(z_BHWC, log_snr_B, txt_BLD, mask_BL, lowres_BHWC=None, aug_log_snr_B=None) -> eps_BHWC,
 with the suffixes naming the axes (B batch, H W C image, L text tokens, D text width, E the
-conditioning embedding); mask_BL is bool. lowres_BHWC is the previous stage's image already
-resized to z's size (and noise-augmented, §2.4). Parameters are float32; `dtype` is the compute
+conditioning embedding); mask_BL is bool. lowres_BHWC is the previous stage's image, noise-augmented
+and resized to z's size (diffusion.noise_augment, §2.4). Parameters are float32; `dtype` is the compute
 dtype (bfloat16 on accelerators); norms and softmax statistics stay in float32.
 """
 
@@ -31,11 +31,14 @@ class NetworkConfig:
     feature_pooling: str = "attention"  # F.1-F.3 "attention" (§2.5); "mean": ablation, App. D.3.1
     text_cross_attn: bool = True  # False: no text in attention at all (ablation)
     # paper: not specified; 0 = every attention layer projects the T5 width itself (GLIDE's
-    # encoder_kv); > 0 = the text is projected once to this width first (NeMo's cond_dim).
+    # encoder_kv); > 0 = the text is projected once to this width first (NeMo's cond_dim,
+    # Rosetta's attn_cond_dim: 2048 for their 2B base)
     text_cond_dim: int = 0
     use_scale_shift_norm: bool = True  # F.1-F.3
     dropout: float = 0.0  # F.1-F.3: 0 for every stage; other values are refused (not built)
-    emb_mult: int = 4  # paper: not specified; time-embedding width = 4 x first channels (ADM)
+    # paper: not specified; time-embedding width = 4 x first channels (ADM; 2048 for the base,
+    # as NeMo's and Rosetta's 2B configs)
+    emb_mult: int = 4
     norm_groups: int = 32  # paper: not specified; GroupNorm(32) as in ADM
     # how it runs, not what it is (set by imagen.backend; checkpoints ignore them):
     dtype: str = "float32"  # compute dtype; "bfloat16" on accelerators
@@ -54,6 +57,11 @@ class UNetConfig(NetworkConfig):
     # without self-attention, a layer that attends to the text alone (not F.1's: the demo base)
     text_cross_attn_res: tuple = (32, 16, 8)
     per_head_channels: int = 64  # F.1
+    # paper: not specified how many heads (F.1 gives per_head_channels only). 0: channels /
+    # per_head_channels, so attention is as wide as its level (ADM's num_head_channels); n > 0:
+    # n heads, n x per_head_channels wide at every level (NVIDIA Rosetta's imagen_base_2B.gin:
+    # 8 heads of 64), the reading that gives the stated 2B (docs/parameter_counts.md)
+    num_heads: int = 0
     # demo only, not F.1's: patch_size p > 1 folds p x p pixels into channels around the network
     # (space-to-depth); see docs/demo_experiments.md#the-faster-base
     patch_size: int = 1
@@ -205,15 +213,17 @@ class ResBlock(nnx.Module):
     """ADM residual block: GroupNorm, SiLU, conv3x3, GroupNorm with scale-shift from the
     conditioning embedding, SiLU, conv3x3 (no dropout: 0 in every stage, App. F), with an
     optional BigGAN-style resample ("down": 2x2 average pool, "up": nearest 2x) of both paths
-    before the first conv, and a 1x1 conv on the shortcut where the width changes."""
+    before the first conv. The shortcut is a 1x1 conv where the width changes (ADM), or always
+    (conv_shortcut: the Efficient U-Net's ResNetBlock, Fig. A.27); the sum is scaled by
+    out_scale (1, or 1/sqrt(2) for the Efficient U-Net's residual reading of App. B.1)."""
 
-    def __init__(self, i, o, emb_dim, cfg, rngs, resample=None):
+    def __init__(self, i, o, emb_dim, cfg, rngs, resample=None, conv_shortcut=False, out_scale=1.0):
         dt = compute_dtype(cfg)
         self.norm1, self.conv1 = GroupNorm(i, cfg.norm_groups, dt), conv(i, o, rngs, dt)
         self.emb = dense(emb_dim, 2 * o if cfg.use_scale_shift_norm else o, rngs, dt)
         self.norm2, self.conv2 = GroupNorm(o, cfg.norm_groups, dt), conv(o, o, rngs, dt)
-        self.shortcut = conv(i, o, rngs, dt, k=1) if i != o else None
-        self.resample, self.scale_shift = resample, cfg.use_scale_shift_norm
+        self.shortcut = conv(i, o, rngs, dt, k=1) if conv_shortcut or i != o else None
+        self.resample, self.scale_shift, self.out_scale = resample, cfg.use_scale_shift_norm, out_scale
 
     def __call__(self, x_BHWC, emb_BE):
         h = jax.nn.silu(self.norm1(x_BHWC))
@@ -227,7 +237,7 @@ class ResBlock(nnx.Module):
             h = self.norm2(h + e)
         h = self.conv2(jax.nn.silu(h))
         x = self.shortcut(x) if self.shortcut is not None else x
-        return x + h
+        return (x + h) * self.out_scale if self.out_scale != 1.0 else x + h
 
 
 class Attention(nnx.Module):
@@ -238,22 +248,25 @@ class Attention(nnx.Module):
       mask: the base model's and the 64->256 model's "text cross attention".
     not self_attn: explicit cross-attention, queries from the image, keys and values from the
       text only (the 256->1024 model, F.3); an all-masked text contributes nothing.
+    hidden: the width of the queries, keys and values (default ch; the Efficient U-Net's is
+    2 x ch, Fig. A.28); out_scale scales the residual sum as in ResBlock.
     """
 
-    def __init__(self, ch, heads, text_dim, self_attn, cfg, rngs):
-        dt = compute_dtype(cfg)
+    def __init__(self, ch, heads, text_dim, self_attn, cfg, rngs, hidden=None, out_scale=1.0):
+        dt, hidden = compute_dtype(cfg), hidden or ch
         self.heads, self.self_attn, self.implementation = heads, self_attn, cfg.attention
+        self.hidden, self.out_scale = hidden, out_scale
         self.norm = GroupNorm(ch, cfg.norm_groups, dt)
-        self.q = dense(ch, ch, rngs, dt)
+        self.q = dense(ch, hidden, rngs, dt)
         # no key/value biases (see TextPooling)
-        self.kv = dense(ch, 2 * ch, rngs, dt, bias=False) if self_attn else None
+        self.kv = dense(ch, 2 * hidden, rngs, dt, bias=False) if self_attn else None
         self.text_norm = LayerNorm(text_dim, dt) if text_dim else None  # §2.5
-        self.text_kv = dense(text_dim, 2 * ch, rngs, dt, bias=False) if text_dim else None
-        self.o = dense(ch, ch, rngs, dt)
+        self.text_kv = dense(text_dim, 2 * hidden, rngs, dt, bias=False) if text_dim else None
+        self.o = dense(hidden, ch, rngs, dt)
 
     def __call__(self, x_BHWC, txt_BLD, mask_BL):
         B, H, W, C = x_BHWC.shape
-        split = lambda y: y.reshape(B, -1, self.heads, C // self.heads)
+        split = lambda y: y.reshape(B, -1, self.heads, self.hidden // self.heads)
         h = self.norm(x_BHWC).reshape(B, H * W, C)
         q = split(self.q(h))
         ks, vs, n_keys_B = [], [], jnp.zeros((B,), jnp.int32)
@@ -271,10 +284,11 @@ class Attention(nnx.Module):
         # takes directly. At least one key, so an all-masked text gives finite values.
         out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=jnp.maximum(n_keys_B, 1),
                                            implementation=self.implementation)
-        out = self.o(out.reshape(B, H * W, C))
+        out = self.o(out.reshape(B, H * W, self.hidden))
         if not self.self_attn:  # no text tokens at all: no update (not a mean of masked values)
             out = out * mask_BL.any(axis=1)[:, None, None].astype(out.dtype)
-        return x_BHWC + out.reshape(B, H, W, C)
+        out = x_BHWC + out.reshape(B, H, W, C)
+        return out * self.out_scale if self.out_scale != 1.0 else out
 
 
 class Conditioning(nnx.Module):
@@ -332,10 +346,14 @@ class UNet(nnx.Module):
         p = cfg.patch_size
         self.conv_in = conv(in_ch * p * p, ch, rngs, dt)
 
+        def attention(c, text, self_attn):
+            heads = cfg.num_heads or c // cfg.per_head_channels
+            return Attention(c, heads, text, self_attn, cfg, rngs, hidden=heads * cfg.per_head_channels)
+
         def attn(c, res):
             text = text_width(cfg) if cfg.text_cross_attn and res in cfg.text_cross_attn_res else 0
             self_attn = res in cfg.attn_resolutions  # else, with text: attend to the text alone
-            return Attention(c, c // cfg.per_head_channels, text, self_attn, cfg, rngs) if self_attn or text else None
+            return attention(c, text, self_attn) if self_attn or text else None
 
         # down path: (ResBlock, Attention | None) pairs, then a down-sampling ResBlock per level
         updown = lambda c, kind: ResBlock(c, c, emb_dim, cfg, rngs, kind) if cfg.resblock_updown else Resample(kind)
@@ -349,8 +367,8 @@ class UNet(nnx.Module):
                 self.down.append(nnx.List([updown(c, "down"), None]))
                 skip_ch.append(c)
                 res //= 2
-        self.mid = nnx.List([ResBlock(c, c, emb_dim, cfg, rngs), Attention(c, c // cfg.per_head_channels,
-                             text_width(cfg) if cfg.text_cross_attn else 0, True, cfg, rngs),
+        self.mid = nnx.List([ResBlock(c, c, emb_dim, cfg, rngs),
+                             attention(c, text_width(cfg) if cfg.text_cross_attn else 0, True),
                              ResBlock(c, c, emb_dim, cfg, rngs)])
         # up path: num_res_blocks + 1 ResBlocks per level on [h, skip], then an up-sampling one
         self.up = nnx.List()
@@ -387,9 +405,3 @@ class UNet(nnx.Module):
         assert eps_BHWC.shape == z_BHWC.shape
         return eps_BHWC.astype(jnp.float32)
 
-
-def resize_lowres(x_BHWC, side: int):
-    """The previous stage's image (B, h, w, C) resized to (B, side, side, C) for conditioning.
-    paper: not specified; bicubic (SR3 and imagen-pytorch use bicubic/bilinear up-sampling)."""
-    B, _, _, C = x_BHWC.shape
-    return jax.image.resize(x_BHWC.astype(jnp.float32), (B, side, side, C), "bicubic")
