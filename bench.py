@@ -114,9 +114,9 @@ def efficient_and_plain(div=1):
     and a plain U-Net of about its parameter count as [40, 58] build them (ADM, the base's
     network: the same residual blocks at every level, resampling after them): 128 channels x
     (1, 2, 4, 8, 8) at 256 ... 16, two BigGAN blocks per level, attention with the text at 16x16
-    as in F.2. div divides every width (and the text's), for a run on a CPU."""
+    as in F.2. div divides every width (the text's and the GroupNorm groups too), for a CPU."""
     sr1 = imagen.PRESETS["paper"]["sr1"]
-    text = dict(text_dim=sr1.unet.text_dim // div)
+    text = dict(text_dim=sr1.unet.text_dim // div, norm_groups=max(sr1.unet.norm_groups // div, 1))
     eff = dataclasses.replace(sr1.unet, block_channels=tuple(c // div for c in sr1.unet.block_channels), **text)
     plain = UNetConfig(lowres_cond=True, channels=128 // div, channel_mult=(1, 2, 4, 8, 8), num_res_blocks=2,
                        attn_resolutions=(16,), text_cross_attn_res=(16,), **text)
