@@ -123,12 +123,12 @@ def efficient_and_plain(div=1):
     return {"efficient": dataclasses.replace(sr1, unet=eff), "plain": dataclasses.replace(sr1, unet=plain)}
 
 
-def bench_efficient_vs_plain(b, batch, steps, div):
+def bench_efficient_vs_plain(b, batch, steps, div, remat=False):
     """Training steps/s and memory of both networks of efficient_and_plain(div), in one run."""
     tcfg = train.TRAIN_PRESETS["paper"]["sr1"]
     r = {"width_div": div}
     for name, stage in efficient_and_plain(div).items():
-        stage = imagen.with_backend(stage, b)
+        stage = imagen.with_backend(stage, b, remat)
         res = bench_train(stage, tcfg, batch, stage.text_length, steps)
         r[name] = {"params": imagen.count_params(stage), **res}
         print(f"{name}: {r[name]['params'] / 1e6:.1f}M parameters, {1 / res['step_s']:.3g} steps/s, "
@@ -209,8 +209,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     b = imagen.backend(a.dtype, a.attention)
     if a.efficient_vs_plain:
+        if a.width_div not in (1, 2, 4, 8, 16):
+            p.error("--width-div: 1, 2, 4, 8 or 16 (the plain U-Net's 1024 channels keep a 64-wide head)")
         r = {"device": jax.devices()[0].device_kind, "dtype": b.dtype, "batch": a.batch_size,
-             **bench_efficient_vs_plain(b, a.batch_size, a.steps, a.width_div)}
+             **bench_efficient_vs_plain(b, a.batch_size, a.steps, a.width_div, a.remat)}
         print(json.dumps(r) if a.json else f"plain / efficient: {r['steps_per_s_ratio']:.2f}x the step time, "
               f"{r['memory_ratio']:.2f}x the memory (paper: the Efficient U-Net is 2-3x faster)")
         return r

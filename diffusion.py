@@ -254,8 +254,8 @@ def diffusion_loss(eps_fn, x0_BHWC, txt_BLD, mask_BL, keys, log_snr_fn, p_uncond
 
     keys: one PRNG key per example, (B, 2), so that an example's noise does not depend on how
     the batch is split over devices, hosts or micro-batches.
-    §2.4: "During training, aug_level is chosen randomly"; uniformly in Fig. A.32's pseudo-code:
-    U(0, max_aug_level), 1 by default (train.TrainConfig.max_aug_level).
+    §2.4: "During training, aug_level is chosen randomly"; paper: not specified in its text from
+    what; we use U(0, max_aug_level), 1 by default (train.TrainConfig.max_aug_level).
     prediction: "eps" (the paper) or "v" (see PREDICTIONS): plain MSE on that target.
     Returns the mean loss over the batch (a scalar, float32).
     """

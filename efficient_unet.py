@@ -36,16 +36,17 @@ class EfficientUNetConfig(NetworkConfig):
     block_strides: tuple = (2, 2, 2, 2)
     block_self_attn: tuple = (False, False, False, True)  # F.2: self-attention + text tokens in k/v
     block_cross_attn: tuple = (False, False, False, False)  # F.3: explicit text cross-attention
-    num_heads: int = 8  # App. B.1, Fig. A.28: "attention_heads=8"
+    num_heads: int = 8  # F.2: "num_attention_heads": 8; Fig. A.28: "attention_heads=8"
     attn_hidden_mult: int = 2  # Fig. A.28: "hidden_size=2×channels output_size=channels"
     conv_shortcut: bool = True  # Fig. A.27: a 1x1 conv on every ResNetBlock's shortcut (False: ADM's)
-    # App. B.1: "We scale the skip connections by 1/sqrt(2)", "similar to" score-SDE and SR3.
-    # "residual": every residual sum is (x + h)/sqrt(2) (ResNetBlocks and attention), as the
-    # cited works do (score-SDE's skip_rescale); "unet": the DBlock output a UBlock takes is
-    # scaled instead (imagen-pytorch, NeMo). See docs/parameter_counts.md#the-sqrt2-scaling.
+    # App. B.1: "scaling the skip connections by 1/√2 similar to [66, 59]" (score-SDE, SR3);
+    # which sums is open. "residual": every residual sum is (x + h)/sqrt(2) (ResNetBlocks and
+    # attention), as score-SDE's skip_rescale; "shortcut": h + shortcut(x)/sqrt(2) in the
+    # ResNetBlocks (NVIDIA Rosetta's and NeMo's Efficient U-Nets); "unet": the DBlock output a
+    # UBlock takes is scaled (imagen-pytorch). See docs/parameter_counts.md#the-sqrt2-scaling.
     sqrt2_scaling: str = "residual"
     # paper: not specified how a UBlock takes its DBlock's output; "concat": [x, skip] on
-    # channels (imagen-pytorch, NeMo), "add": x + skip
+    # channels (imagen-pytorch, Rosetta), "add": x + skip (NeMo)
     skip_combine: str = "concat"
 
 
@@ -64,7 +65,8 @@ def _residual_scale(cfg):
 
 
 def _res_block(i, o, emb_dim, cfg, rngs):
-    return ResBlock(i, o, emb_dim, cfg, rngs, conv_shortcut=cfg.conv_shortcut, out_scale=_residual_scale(cfg))
+    return ResBlock(i, o, emb_dim, cfg, rngs, conv_shortcut=cfg.conv_shortcut, out_scale=_residual_scale(cfg),
+                    shortcut_scale=2 ** -0.5 if cfg.sqrt2_scaling == "shortcut" else 1.0)
 
 
 class DBlock(nnx.Module):
@@ -114,8 +116,11 @@ class EfficientUNet(nnx.Module):
 
     def __init__(self, cfg: EfficientUNetConfig, rngs: nnx.Rngs):
         assert cfg.skip_combine in ("add", "concat"), cfg.skip_combine
-        assert cfg.sqrt2_scaling in ("residual", "unet"), cfg.sqrt2_scaling
+        assert cfg.sqrt2_scaling in ("residual", "shortcut", "unet"), cfg.sqrt2_scaling
         assert set(cfg.block_strides) <= {1, 2}, cfg.block_strides
+        n = len(cfg.block_channels)
+        assert all(len(t) == n for t in (cfg.block_res_blocks, cfg.block_strides, cfg.block_self_attn,
+                                         cfg.block_cross_attn)), "one entry per block in every block_* field"
         self.cfg = cfg
         dt, C = compute_dtype(cfg), cfg.block_channels
         emb_dim = cfg.emb_mult * C[0]
@@ -124,7 +129,7 @@ class EfficientUNet(nnx.Module):
         self.conv_in = conv(in_ch, C[0], rngs, dt)
         prev = [C[0]] + list(C[:-1])  # block k maps prev[k] -> C[k] (down) and C[k] -> prev[k] (up)
         spec = list(zip(prev, C, cfg.block_res_blocks, cfg.block_self_attn, cfg.block_cross_attn,
-                        cfg.block_strides, strict=True))
+                        cfg.block_strides))
         self.down = nnx.List([DBlock(p, c, n, sa, ca, emb_dim, cfg, rngs, s) for p, c, n, sa, ca, s in spec])
         self.up = nnx.List([UBlock(c, p, n, sa, ca, emb_dim, cfg, rngs, s) for p, c, n, sa, ca, s in reversed(spec)])
         self.norm_out = GroupNorm(C[0], cfg.norm_groups, dt)

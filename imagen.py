@@ -134,7 +134,8 @@ STAGE_NAMES = ("base", "sr1", "sr2")
 
 @dataclasses.dataclass(frozen=True)
 class SampleSettings:
-    """How one stage is sampled (App. A, §2.2-2.4). Defaults: the paper's "best samples"."""
+    """How one stage is sampled (App. A, §2.2-2.4). Defaults: those of the paper's sample
+    figures (w = 5 in Fig. A.10, aug level 0.3 of App. D.2's "best samples" and Fig. A.12)."""
     guidance: float = 5.0  # w, §2.2; Fig. A.10: "a guidance weight of 5 for both" models
     steps: int = 100  # paper: not specified; DeepFloyd IF's 100 (base) and 50 (super-resolution)
     sampler: str = "ddpm"  # "ddpm" (ancestral) or "ddim", App. A
@@ -148,8 +149,8 @@ class SampleSettings:
 
 _demo_sr = SampleSettings(guidance=1.0, steps=15, threshold="static", aug_level=0.0)
 SAMPLING = {
-    # the paper's best samples: w = 5 (Fig. A.10), aug level 0.3 (App. D.2, Fig. A.12),
-    # dynamic thresholding at p = 99.5 (§2.3, Fig. A.10)
+    # the paper's sample figures: w = 5 (Fig. A.10), aug level 0.3 (App. D.2's "best samples",
+    # Fig. A.12), dynamic thresholding at p = 99.5 (§2.3, Fig. A.10)
     "paper-best": {"base": SampleSettings(steps=100), "sr1": SampleSettings(steps=50),
                    "sr2": SampleSettings(steps=50)},
     # Table 1, COCO 256x256 FID-30K, two stages: "a guidance weight of 1.35 for our 64 × 64
@@ -276,6 +277,11 @@ def stage_from_dict(d: dict) -> StageConfig:
         raise ValueError("a checkpoint from an older layout of this code (its network config has no "
                          "'kind'): train it again, or sample it with the code that made it")
     cls = {"UNetConfig": UNetConfig, "EfficientUNetConfig": EfficientUNetConfig}[u.pop("kind")]
+    if cls is EfficientUNetConfig and "block_strides" not in u:  # recorded before these fields:
+        # the Efficient U-Net as it was built then (full-side first block, ADM shortcuts, 1x-wide
+        # attention, U-Net skips scaled), so that it loads as trained
+        u = {"block_strides": [1] + [2] * (len(u["block_channels"]) - 1), "conv_shortcut": False,
+             "attn_hidden_mult": 1, "sqrt2_scaling": "unet", **u}
     names = {f.name for f in dataclasses.fields(cls)}
     unet = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in u.items() if k in names})
     names = {f.name for f in dataclasses.fields(StageConfig)}

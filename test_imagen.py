@@ -594,6 +594,15 @@ def test_paper_efficient_unets_follow_the_f2_f3_listings():
         assert all(a.self_attn == (name == "sr1") for a in attn)  # F.3: cross-attention instead
 
 
+def test_an_efficient_unet_recorded_before_its_layout_fields_loads_as_built():
+    # a checkpoint's config without block_strides & co. was built with the earlier layout
+    d = imagen.config_dict(imagen.PRESETS["demo"]["sr1"])
+    for k in ("block_strides", "conv_shortcut", "attn_hidden_mult", "sqrt2_scaling"):
+        del d["unet"][k]
+    u = imagen.stage_from_dict(d).unet
+    assert (u.block_strides, u.conv_shortcut, u.attn_hidden_mult, u.sqrt2_scaling) == ((1, 2, 2), False, 1, "unet")
+
+
 def test_count_params_matches_an_initialised_model():
     for cfg in (TINY_BASE, TINY_SR1, TINY_SR2):
         stage = tiny_stage(cfg)
@@ -610,7 +619,7 @@ def test_unet_bf16_compute_path():
 
 
 def test_sr2_is_fully_convolutional_on_two_sizes():
-    # the 256->1024 model trains on crops and runs on the full image (§2.5, F.3): the same
+    # the 256->1024 model trains on crops and runs on the full image (§2.5): the same
     # parameters on a 4x up-sampled 4x4 and 8x8 low-res image
     model = make_net(TINY_SR2)
     for low in (4, 8):

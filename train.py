@@ -51,7 +51,7 @@ class TrainConfig:
     adam_b2: float = 0.999  # F.2
     adam_eps: float = 1e-8  # F.2
     lr: float = 1e-4  # F.1-F.3: peak learning rate 1e-4
-    warmup_steps: int = 10_000  # F.1-F.3: "10000 linear warmup steps"
+    warmup_steps: int = 10_000  # F.1-F.3: 10000 (linear) warm-up steps
     # F.1, F.2: warmup_cosine_decay_schedule(..., decay_steps=2500000); F.3 gives only the
     # learning rate and warm-up: the same cosine decay for the 256->1024 model is our extrapolation
     decay_steps: int = 2_500_000
@@ -62,8 +62,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # paper: not specified; global-norm clipping at 1 (NeMo)
     ema_decay: float = 0.9999  # paper: not specified; NeMo's EMA decay
     p_uncond: float = 0.1  # §4.1: text embeddings zeroed 10% of the time
-    # §2.4: "During training, aug_level is chosen randomly", aug_level ∈ [0, 1]; Fig. A.32's
-    # pseudo-code draws it uniformly: aug_level ~ U(0, max_aug_level), 1 (super-resolution only)
+    # §2.4: "During training, aug_level is chosen randomly", aug_level ∈ [0, 1]; paper: not
+    # specified in its text from what: aug_level ~ U(0, max_aug_level), 1 (super-resolution only)
     max_aug_level: float = 1.0
 
 

@@ -214,16 +214,18 @@ class ResBlock(nnx.Module):
     conditioning embedding, SiLU, conv3x3 (no dropout: 0 in every stage, App. F), with an
     optional BigGAN-style resample ("down": 2x2 average pool, "up": nearest 2x) of both paths
     before the first conv. The shortcut is a 1x1 conv where the width changes (ADM), or always
-    (conv_shortcut: the Efficient U-Net's ResNetBlock, Fig. A.27); the sum is scaled by
-    out_scale (1, or 1/sqrt(2) for the Efficient U-Net's residual reading of App. B.1)."""
+    (conv_shortcut: the Efficient U-Net's ResNetBlock, Fig. A.27). out_scale scales the sum and
+    shortcut_scale the shortcut (1, or 1/sqrt(2) for readings of App. B.1's scaling)."""
 
-    def __init__(self, i, o, emb_dim, cfg, rngs, resample=None, conv_shortcut=False, out_scale=1.0):
+    def __init__(self, i, o, emb_dim, cfg, rngs, resample=None, conv_shortcut=False, out_scale=1.0,
+                 shortcut_scale=1.0):
         dt = compute_dtype(cfg)
         self.norm1, self.conv1 = GroupNorm(i, cfg.norm_groups, dt), conv(i, o, rngs, dt)
         self.emb = dense(emb_dim, 2 * o if cfg.use_scale_shift_norm else o, rngs, dt)
         self.norm2, self.conv2 = GroupNorm(o, cfg.norm_groups, dt), conv(o, o, rngs, dt)
         self.shortcut = conv(i, o, rngs, dt, k=1) if conv_shortcut or i != o else None
-        self.resample, self.scale_shift, self.out_scale = resample, cfg.use_scale_shift_norm, out_scale
+        self.resample, self.scale_shift = resample, cfg.use_scale_shift_norm
+        self.out_scale, self.shortcut_scale = out_scale, shortcut_scale
 
     def __call__(self, x_BHWC, emb_BE):
         h = jax.nn.silu(self.norm1(x_BHWC))
@@ -237,6 +239,7 @@ class ResBlock(nnx.Module):
             h = self.norm2(h + e)
         h = self.conv2(jax.nn.silu(h))
         x = self.shortcut(x) if self.shortcut is not None else x
+        x = x * self.shortcut_scale if self.shortcut_scale != 1.0 else x
         return (x + h) * self.out_scale if self.out_scale != 1.0 else x + h
 
 
@@ -247,7 +250,8 @@ class Attention(nnx.Module):
       concatenated to its keys and values (App. D.3.1, GLIDE's encoder_kv), masked by the text
       mask: the base model's and the 64->256 model's "text cross attention".
     not self_attn: explicit cross-attention, queries from the image, keys and values from the
-      text only (the 256->1024 model, F.3); an all-masked text contributes nothing.
+      text only (the 256->1024 model, F.3); an all-masked text adds nothing to x (the sum is
+      still scaled by out_scale).
     hidden: the width of the queries, keys and values (default ch; the Efficient U-Net's is
     2 x ch, Fig. A.28); out_scale scales the residual sum as in ResBlock.
     """
