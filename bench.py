@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import diffusion
 import imagen
@@ -77,8 +76,8 @@ def matmul_peak(dtype):
     return 2 * n ** 3 / timed(f, x, y, n=10)
 
 
-def bench_train(stage, tcfg, batch, text_len, steps):
-    mesh = train.make_mesh()
+def bench_train(stage, tcfg, batch, text_len, steps, mesh=None):
+    mesh = mesh or train.make_mesh()
     tcfg = dataclasses.replace(tcfg, batch_size=batch)
     shapes = train.batch_shapes(stage, batch, text_len)
     _, abstract = train.abstract_state(stage, tcfg)
@@ -88,7 +87,7 @@ def bench_train(stage, tcfg, batch, text_len, steps):
     step = train.compile_step(stage, tcfg, mesh, 1, 0).lower(abstract, shapes).compile()
     mem = step.memory_analysis()  # XLA's plan, on every backend
     _, state = train.init_state(stage, tcfg, 0)
-    state = jax.device_put(state, NamedSharding(mesh, P()))
+    state = jax.device_put(state, train.state_shardings(mesh, state))
     rng = np.random.default_rng(0)
     b = {k: (rng.standard_normal(s.shape).astype(np.float32) if s.dtype == jnp.float32 else
              np.ones(s.shape, bool) if s.dtype == jnp.bool_ else np.arange(s.shape[0], dtype=np.int32))
@@ -201,6 +200,7 @@ def main(argv=None):
                    help="interpreter with torch + imagen-pytorch for the peer (default: this one)")
     p.add_argument("--peer-widths", action="store_true",
                    help="demo base only: our U-Net at the widths of the peer's tiny U-Net (PEER_TINY_UNET)")
+    p.add_argument("--mesh", default="data=-1,fsdp=1", help="train step: data=D,fsdp=F as in train.py")
     p.add_argument("--efficient-vs-plain", action="store_true",
                    help="App. D.3.2: train steps/s and memory of the F.2 Efficient U-Net and a plain U-Net of "
                         "its size on 64->256 (efficient_and_plain), instead of the stage benchmark")
@@ -230,7 +230,9 @@ def main(argv=None):
          "text_tokens": text_len, "attention": b.attention,
          "matmul_peak_tflops": peak / 1e12}
     if not a.no_train:
-        r.update(bench_train(stage, tcfg, a.batch_size, text_len, a.steps))
+        mesh = train.make_mesh(**train.parse_mesh(a.mesh))
+        r.update(bench_train(stage, tcfg, a.batch_size, text_len, a.steps, mesh))
+        r["mesh"] = dict(mesh.shape)
         r["mfu"] = r["tflops"] * 1e12 / (peak * jax.device_count())
     if not a.no_sampling:
         r.update(bench_sampling_step(stage, a.batch_size, text_len))

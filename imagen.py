@@ -325,13 +325,16 @@ class LoadedStage:
 
 def load_stage(stage_dir: str) -> LoadedStage:
     """A stage trained by train.py in stage_dir, for sampling: its config (as recorded in the
-    checkpoint, run with this backend's policy) and its EMA weights (nothing else is read)."""
+    checkpoint, run with this backend's policy) and its EMA weights (nothing else is read), on
+    this process's first device, whatever mesh saved them."""
     mngr = checkpoint_manager(stage_dir)
     step = mngr.latest_step()
     if step is None:
         raise FileNotFoundError(stage_dir)
     config = with_backend(stage_from_dict(read_meta(mngr, step)["stage"]), backend())
     graphdef, params = nnx.split(abstract_network(config))
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), params)
     ema = mngr.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(params)))["ema"]
     return LoadedStage(config, nnx.merge(graphdef, ema), step)
 

@@ -647,11 +647,16 @@ def _batch(stage, B=8, seed=0, position=0):
     return b
 
 
-def _step_fn(stage, mesh_devices=1, grad_accum=1, tcfg=TINY_TRAIN):
+def _step_fn(stage, mesh_devices=1, grad_accum=1, tcfg=TINY_TRAIN, fsdp=1):
     graphdef, state = train.init_state(stage, tcfg, 0)
-    mesh = train.make_mesh(mesh_devices)
-    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    mesh = train.make_mesh(fsdp=fsdp, devices=mesh_devices)
+    state = jax.device_put(state, train.state_shardings(mesh, state))
     return train.compile_step(stage, tcfg, mesh, grad_accum, 0), state, graphdef
+
+
+# the tiny networks' weights are far below train.FSDP_MIN_SIZE: tests that shard the state lower
+# it, all to this one value (compile_step's cache does not see it)
+TINY_FSDP_MIN_SIZE = 256
 
 
 
@@ -703,26 +708,40 @@ def test_loss_falls_when_overfitting_a_few_examples():
     assert eval_loss(state["params"]) < 0.7 * first
 
 
-def test_8_devices_and_4_micro_batches_equal_one_device_one_batch():
+def test_meshes_and_micro_batches_equal_one_device_one_batch(monkeypatch):
+    # 8 devices with FSDP (data=2,fsdp=4; data=1,fsdp=8 with 2 micro-batches): the same losses
+    # and parameters as one device, one batch (8 devices data-parallel: every _train test)
     assert jax.device_count() == 8
-    stage = TINY_STAGES["sr1"]
-    b = _batch(stage)
+    monkeypatch.setattr(train, "FSDP_MIN_SIZE", TINY_FSDP_MIN_SIZE)
+    stage, tcfg = TINY_STAGES["sr1"], dataclasses.replace(TINY_TRAIN, batch_size=16)
+    b = _batch(stage, B=16)
     results = {}
-    for devices, accum in ((1, 1), (8, 1), (1, 4), (2, 4)):
-        step, state, _ = _step_fn(stage, devices, accum)
+    for devices, accum, fsdp in ((1, 1, 1), (8, 1, 4), (8, 2, 8)):
+        step, state, _ = _step_fn(stage, devices, accum, tcfg, fsdp)
+        if fsdp == 8:  # really sharded: each device holds 1/8 of every sharded array
+            kernel = state["params"]["down"][1]["res"][0]["conv1"]["kernel"]
+            assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
+            assert {s.data.size for s in kernel.addressable_shards} == {kernel.size // 8}
+            assert state["opt"][1][0].mu["down"][1]["res"][0]["conv1"]["kernel"].sharding == kernel.sharding
         losses = []
         for _ in range(3):
             state, loss = step(state, b)
             losses.append(float(loss))
-        results[(devices, accum)] = (losses, jax.tree.map(np.asarray, state["params"]))
-    ref_losses, ref_params = results[(1, 1)]
+        results[(devices, accum, fsdp)] = (losses, jax.tree.map(np.asarray, state["params"]))
+    ref_losses, ref_params = results[(1, 1, 1)]
     for key, (losses, params) in results.items():
         np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=str(key))
         # Adam divides by sqrt(v): a parameter whose gradient is ~1e-9 (float32 summation-order
         # noise) still moves by ~lr, so parameters agree to a fraction of one step (lr = 1e-3)
         jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5), params, ref_params)
-
-
+    # and the compiled step's arguments per device: the batch's 1/8 and about 1/8 of the state,
+    # where a replicated state would add all of it
+    _, shapes = train.abstract_state(stage, tcfg)
+    batch = train.batch_shapes(stage, 16, stage.text_length)
+    arg_bytes = train.compile_step(stage, tcfg, train.make_mesh(fsdp=8), 2, 0).lower(
+        shapes, batch).compile().memory_analysis().argument_size_in_bytes
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    assert arg_bytes < nbytes(batch) / 8 + 0.2 * nbytes(shapes), (arg_bytes, nbytes(batch), nbytes(shapes))
 
 
 def _train(tmp, steps, stage="base", **kw):
@@ -737,13 +756,19 @@ def _losses(workdir):
 
 
 
-def test_stopped_and_resumed_equals_uninterrupted(tmp_path):
+def test_stopped_and_resumed_on_other_meshes_equals_uninterrupted(tmp_path, monkeypatch):
+    # saved sharded on 8 devices (fsdp=8), resumed on 4 (fsdp=4), then on 1: the losses of an
+    # uninterrupted 8-device run; and sampling loads the EMA of a sharded checkpoint
+    monkeypatch.setattr(train, "FSDP_MIN_SIZE", TINY_FSDP_MIN_SIZE)
     _train(tmp_path / "a", 4)
-    _train(tmp_path / "b", 2)
-    _train(tmp_path / "b", 4)  # resumes at step 2 from the checkpoint and the data position
+    _train(tmp_path / "b", 2, mesh=train.make_mesh(fsdp=8))
+    loaded = imagen.load_stage(str(tmp_path / "b"))
+    assert loaded.step == 2 and all(len(x.devices()) == 1 for x in jax.tree.leaves(nnx.state(loaded.model)))
+    _train(tmp_path / "b", 3, mesh=train.make_mesh(fsdp=4, devices=4))  # resumes from the data position
+    _train(tmp_path / "b", 4, mesh=train.make_mesh(devices=1))
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert [s for s, _ in a] == [1, 2, 3, 4] and [s for s, _ in b] == [1, 2, 3, 4]
-    np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=1e-6)
+    np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=2e-5)
 
 
 def test_sigterm_saves_a_state_and_position_that_belong_together(tmp_path, monkeypatch):
@@ -835,8 +860,13 @@ def test_dry_run_on_8_devices(capsys):
     rows = train.dry_run(TINY_STAGES["base"], dataclasses.replace(TINY_TRAIN, batch_size=16), 2, 0)
     out = capsys.readouterr().out
     assert "global batch" in out and "16 = 8 devices x 1 x 2 micro-batches" in out
-    assert "FLOPs per step" in out and "bytes per device" in out
+    assert "FLOPs per step" in out and "bytes per device" in out and "train state per device" in out
     assert float(rows["FLOPs per step"].split()[0]) > 0
+    assert train.parse_mesh("data=2,fsdp=-1") == {"data": 2, "fsdp": -1}
+    assert dict(train.make_mesh(**train.parse_mesh("data=2,fsdp=-1")).shape) == {"data": 2, "fsdp": 4}
+    for bad in ("data=3,fsdp=2", "fsdp=8,model=1", "data"):
+        with pytest.raises(SystemExit, match="--mesh"):
+            train.make_mesh(**train.parse_mesh(bad))
 
 
 def test_train_cli_needs_a_stage_and_the_demo_cli_takes_a_workdir(monkeypatch, tmp_path):
@@ -852,11 +882,13 @@ def test_train_cli_needs_a_stage_and_the_demo_cli_takes_a_workdir(monkeypatch, t
 
 
 def test_two_processes_train_like_one(tmp_path):
-    """jax.distributed on localhost: 2 processes x 4 CPU devices give the losses of 1 x 8."""
+    """jax.distributed on localhost: 2 processes x 4 CPU devices, the state sharded over 4
+    (data=2,fsdp=4), give the losses of 1 process x 8 devices."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 " + FAST_COMPILE, JAX_PLATFORMS="cpu")
     code = ("import sys, jax; jax.config.update('jax_cpu_collectives_implementation', 'gloo'); "
             "jax.distributed.initialize(sys.argv[2], 2, int(sys.argv[3])); "
-            "import test_imagen as t; assert jax.device_count() == 8; t._train(sys.argv[1], 3)")
+            "import test_imagen as t; assert jax.device_count() == 8; t.train.FSDP_MIN_SIZE = t.TINY_FSDP_MIN_SIZE; "
+            "t._train(sys.argv[1], 3, mesh=t.train.make_mesh(fsdp=4))")
     port = 12000 + os.getpid() % 1000
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "multi"), f"127.0.0.1:{port}", str(i)],
                               env=env, cwd=os.path.dirname(os.path.abspath(__file__)),

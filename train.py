@@ -5,10 +5,12 @@ base model on 256 TPU-v4 chips, each super-resolution model on 128); Adafactor f
 model, Adam (0.9, 0.999, 1e-8) for the super-resolution models; learning rate 1e-4 after
 10,000 linear warm-up steps, cosine decay; 10% text dropout for classifier-free guidance.
 
-One jitted step, one linear loop. Data parallel: `jax.make_mesh` over all devices with a
-'data' axis, parameters replicated (P()), the batch split (P('data')), XLA inserts the
-gradient all-reduce. A global batch larger than the devices hold is accumulated over
-micro-batches inside the step. Every example draws its own noise from
+One jitted step, one linear loop, on a ('data', 'fsdp') mesh from `jax.make_mesh`: the batch
+splits over both axes; the train state (parameters, EMA, optimizer moments) splits over 'fsdp'
+by one rule (fsdp_spec), ZeRO-3 / FSDP style, and is replicated over 'data'. XLA's SPMD
+partitioner inserts the all-gathers of the weights and the reduce-scatters of the gradients
+(fsdp = 1: plain data parallelism and its all-reduce). A global batch larger than the devices
+hold is accumulated over micro-batches inside the step. Every example draws its own noise from
 fold_in(fold_in(seed, step), row), so the losses do not depend on the number of devices,
 hosts or micro-batches, and a resumed run repeats an uninterrupted one.
 
@@ -21,6 +23,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import sys
@@ -71,7 +74,7 @@ class TrainConfig:
 # Adam for the base (docs/demo_experiments.md#the-demo-bases-optimizer-and-guidance); SR aug
 # levels U(0, 0.5) (docs/demo_experiments.md#the-super-resolution-stages).
 _demo_sr = TrainConfig(optimizer="adam", lr=3e-3, warmup_steps=20, decay_steps=300, end_lr=1e-4, steps=300,
-                       batch_size=64, ema_decay=0.995, max_aug_level=0.5)
+                       batch_size=64, ema_decay=0.995, max_aug_level=0.25)
 TRAIN_PRESETS = {
     "paper": {"base": TrainConfig(optimizer="adafactor"), "sr1": TrainConfig(), "sr2": TrainConfig()},
     "demo": {"base": TrainConfig(optimizer="adam", lr=2e-3, warmup_steps=20, decay_steps=2200, end_lr=2e-4,
@@ -106,19 +109,63 @@ def abstract_state(stage, tcfg):
                       "step": jax.ShapeDtypeStruct((), jnp.int32)}
 
 
-def make_mesh(n=None):
-    """The first n (default all) devices on one 'data' axis; XLA propagates the shardings."""
-    n = n or jax.device_count()
-    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n])
+def make_mesh(data=-1, fsdp=1, devices=None):
+    """A ('data', 'fsdp') mesh over the first `devices` (default all) devices; -1 fills the rest.
+    paper: not specified how the state was laid out over its 256 TPU-v4 chips (see the README)."""
+    n = devices or jax.device_count()
+    data, fsdp = (n // fsdp, fsdp) if data == -1 else (data, n // data if fsdp == -1 else fsdp)
+    if data * fsdp != n or min(data, fsdp) < 1:
+        raise SystemExit(f"--mesh data={data},fsdp={fsdp}: data x fsdp must be the {n} devices")
+    return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                         devices=jax.devices()[:n])
 
 
-def make_train_step(graphdef, stage, tcfg, grad_accum: int, seed: int):
+def parse_mesh(spec: str) -> dict:
+    """"data=2,fsdp=4" -> {"data": 2, "fsdp": 4} (make_mesh's arguments)."""
+    try:
+        out = {k: int(v) for k, v in (part.split("=") for part in spec.split(","))}
+    except ValueError:
+        out = None
+    if not out or set(out) - {"data", "fsdp"}:
+        raise SystemExit(f"--mesh {spec!r}: expected data=D,fsdp=F (D x F = the devices; -1 fills the rest)")
+    return out
+
+
+BATCH = P(("data", "fsdp"))  # a global batch splits over every device
+FSDP_MIN_SIZE = 2 ** 16  # arrays smaller than this stay replicated: sharding them saves little
+
+
+def fsdp_spec(shape, fsdp: int) -> P:
+    """The one sharding rule of the train state: an array of FSDP_MIN_SIZE elements or more is
+    split over 'fsdp' along its last axis that fsdp divides (a conv's or dense layer's output
+    features first; a 3x3 kernel never splits on its 3s), else replicated. An optimizer moment
+    has its parameter's shape, so it splits like it; Adafactor's factored moments (a row and a
+    column vector per matrix) follow by the same rule or stay replicated."""
+    if fsdp == 1 or math.prod(shape) < FSDP_MIN_SIZE:
+        return P()
+    for axis in reversed(range(len(shape))):
+        if shape[axis] % fsdp == 0 and shape[axis] > 3:
+            return P(*[None] * axis, "fsdp")
+    return P()
+
+
+def state_shardings(mesh, state):
+    """NamedShardings for a train state (or any pytree of arrays / ShapeDtypeStructs)."""
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, mesh.shape["fsdp"])), state)
+
+
+def make_train_step(graphdef, stage, tcfg, grad_accum: int, seed: int, mesh=None):
     """The whole update as one function of (state, batch) -> (state, loss), to be jitted."""
     optimizer, _ = make_optimizer(tcfg)
     log_snr_fn = diffusion.SCHEDULES[stage.schedule]
     unroll = imagen.backend().unroll_micro_batches
 
     def loss_fn(params, mb, step_key):
+        # the one sharding hint: use the weights whole (XLA all-gathers a sharded state here and
+        # reduce-scatters its gradients); without it XLA's propagation splits the activations along
+        # the weights' axes instead, replicating the work (10x the FLOPs per device, measured)
+        if mesh is not None and mesh.shape["fsdp"] > 1:
+            params = jax.lax.with_sharding_constraint(params, NamedSharding(mesh, P()))
         model = nnx.merge(graphdef, params)
         lowres_BHWC = mb["lowres"] if stage.lowres_side else None  # at its low side: corrupted, then resized
         keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(mb["row"])  # per example
@@ -169,19 +216,19 @@ def batch_shapes(stage, batch, text_len):
 
 
 def compile_step(stage, tcfg, mesh, grad_accum, seed):
-    """The jitted step: state replicated, batch split over 'data', state donated. Cached, so
-    that a second train() of the same configuration (a resume, or more steps) reuses it."""
+    """The jitted step: state sharded by state_shardings, batch split over every device, state
+    donated. Cached, so that a second train() of the same configuration (a resume, or more
+    steps) reuses it."""
     return _compile_step(stage, dataclasses.replace(tcfg, steps=0), mesh, grad_accum, seed)  # steps: not in it
 
 
 @functools.lru_cache(maxsize=16)
 def _compile_step(stage, tcfg, mesh, grad_accum, seed):
     graphdef, shapes = abstract_state(stage, tcfg)
-    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    step = make_train_step(graphdef, stage, tcfg, grad_accum, seed)
-    state_sh = jax.tree.map(lambda _: replicated, shapes)
-    batch_sh = {k: split for k in batch_shapes(stage, tcfg.batch_size, stage.text_length)}
-    return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+    step = make_train_step(graphdef, stage, tcfg, grad_accum, seed, mesh)
+    state_sh = state_shardings(mesh, shapes)
+    batch_sh = {k: NamedSharding(mesh, BATCH) for k in batch_shapes(stage, tcfg.batch_size, stage.text_length)}
+    return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, NamedSharding(mesh, P())),
                    donate_argnums=0)
 
 
@@ -237,19 +284,20 @@ def global_batch(source, stage, text, batch_size, position, seed, mesh):
              "row": np.arange(proc * local_B, (proc + 1) * local_B, dtype=np.int32)}
     if stage.lowres_side:
         local["lowres"] = lowres
-    split = NamedSharding(mesh, P("data"))
+    split = NamedSharding(mesh, BATCH)
     return {k: jax.make_array_from_process_local_data(split, v) for k, v in local.items()}, position, skipped
 
 
 def restore_or_init(mngr, stage, tcfg, meta, seed, mesh, workdir):
-    """The latest checkpoint's state and this host's data position, or a new state at 0."""
-    replicated = NamedSharding(mesh, P())
+    """The latest checkpoint's state (resharded onto this mesh, whatever mesh saved it) and this
+    host's data position, or a new state at 0."""
+    shapes = abstract_state(stage, tcfg)[1]
+    shardings = state_shardings(mesh, shapes)
     if mngr.latest_step() is None:
-        return jax.device_put(init_state(stage, tcfg, seed)[1], replicated), 0
+        return jax.device_put(init_state(stage, tcfg, seed)[1], shardings), 0
     old = imagen.read_meta(mngr)
     check_config(old, meta, workdir)
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                            abstract_state(stage, tcfg)[1])
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     state = imagen.restore_checkpoint(mngr, abstract)
     metrics = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(metrics) and jax.process_index() == 0:  # drop what was logged after it
@@ -306,16 +354,16 @@ class StopSignals:
 
 
 def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_cache=None,
-          grad_accum=1, seed=0, log_every=10, save_every=1000, progress=True):
-    """Train `stage` up to tcfg.steps updates in total (resuming from workdir); -> the state."""
+          grad_accum=1, seed=0, log_every=10, save_every=1000, progress=True, mesh=None):
+    """Train `stage` up to tcfg.steps updates in total (resuming from workdir); -> the state.
+    mesh: a make_mesh() mesh (default: every device on 'data')."""
     stage = dataclasses.replace(stage, text_encoder=text_encoder or stage.text_encoder)
     B = tcfg.batch_size
-    if B % (grad_accum * jax.device_count()) or B % jax.process_count():
-        raise SystemExit(f"--batch-size {B} must divide by --grad-accum x devices = "
-                         f"{grad_accum} x {jax.device_count()}")
+    mesh = mesh or make_mesh()
+    if B % (grad_accum * mesh.size) or B % jax.process_count():
+        raise SystemExit(f"--batch-size {B} must divide by --grad-accum x devices = {grad_accum} x {mesh.size}")
     os.makedirs(workdir, exist_ok=True)
-    # set-up: the mesh, the data, the text encoder
-    mesh = make_mesh()
+    # set-up: the data, the text encoder
     source = data.open_source(data_spec, seed)
     text = open_text(stage, text_cache, source)
     # restore or init, then compile the step
@@ -370,9 +418,16 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
 TPU_V4_BF16 = 275e12  # FLOP/s per chip, bf16 (§4.1 trains on TPU-v4)
 
 
-def dry_run(stage, tcfg, grad_accum, seed, mfu=0.5):
-    n = jax.device_count()
-    mesh = make_mesh()
+def state_bytes_per_device(mesh, state) -> int:
+    """Bytes of the train state one device holds under state_shardings."""
+    F = mesh.shape["fsdp"]
+    parts = lambda x: F if "fsdp" in fsdp_spec(x.shape, F) else 1
+    return sum(x.size * x.dtype.itemsize // parts(x) for x in jax.tree.leaves(state))
+
+
+def dry_run(stage, tcfg, grad_accum, seed, mesh=None, mfu=0.5):
+    mesh = mesh or make_mesh()
+    n = mesh.size
     _, state = abstract_state(stage, tcfg)
     t = time.time()
     step = compile_step(stage, tcfg, mesh, grad_accum, seed)
@@ -384,13 +439,16 @@ def dry_run(stage, tcfg, grad_accum, seed, mfu=0.5):
     rows = [("stage", f"{stage.name} ({stage.section}), {stage.train_side}x{stage.train_side}, "
                       f"optimizer {tcfg.optimizer}, compute dtype {stage.unet.dtype}"),
             ("parameters", f"{params / 1e9:.3f}B (paper: {stage.paper_params / 1e9:.2f}B)"),
-            ("devices", f"{n} ({jax.devices()[0].platform}), mesh ('data': {n})"),
+            ("devices", f"{n} ({jax.devices()[0].platform}), mesh ('data': {mesh.shape['data']}, "
+                        f"'fsdp': {mesh.shape['fsdp']})"),
             ("global batch", f"{tcfg.batch_size} = {n} devices x {tcfg.batch_size // n // grad_accum} "
                              f"x {grad_accum} micro-batches"),
             ("FLOPs per step", f"{flops_dev * n:.3e} ({flops_dev:.3e} per device)"),
             ("FLOPs per image", f"{flops_dev * n / tcfg.batch_size:.3e}"),
             ("bytes per device", f"{dev_bytes / 2**30:.2f} GiB (arguments {mem.argument_size_in_bytes / 2**30:.2f}, "
                                  f"temporaries {mem.temp_size_in_bytes / 2**30:.2f})"),
+            ("train state per device", f"{state_bytes_per_device(mesh, state) / 2**30:.2f} GiB (parameters, "
+                                       f"EMA, optimizer state)"),
             (f"step time at {mfu:.0%} of TPU-v4", f"{flops_dev / (TPU_V4_BF16 * mfu):.3f} s "
                                                   f"({TPU_V4_BF16 / 1e12:.0f} TFLOP/s bf16 per chip)"),
             ("2.5M steps at that rate", f"{flops_dev / (TPU_V4_BF16 * mfu) * 2.5e6 / 86400:.1f} days"),
@@ -419,6 +477,8 @@ def parse_args(argv):
     p.add_argument("--remat", action="store_true", help="rematerialise residual blocks (memory)")
     p.add_argument("--dry-run", action="store_true", help="compile on abstract shapes, print costs")
     p.add_argument("--devices", type=int, default=None, help="with --dry-run: emulate N CPU devices")
+    p.add_argument("--mesh", default="data=-1,fsdp=1",
+                   help="data=D,fsdp=F: the batch splits over D x F devices, the train state over F (FSDP)")
     p.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0")
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--process-id", type=int, default=0)
@@ -441,11 +501,13 @@ def main(argv=None):
     tcfg = TRAIN_PRESETS[args.preset][args.stage]
     tcfg = dataclasses.replace(tcfg, **{k: v for k, v in (("batch_size", args.batch_size), ("steps", args.steps))
                                         if v is not None})
+    mesh = make_mesh(**parse_mesh(args.mesh))
     if args.dry_run:
-        return dry_run(stage, tcfg, args.grad_accum, args.seed)
+        return dry_run(stage, tcfg, args.grad_accum, args.seed, mesh)
     workdir = args.workdir or os.path.join("runs", args.preset, args.stage)  # sample.py reads runs/<preset>
     train(stage, tcfg, workdir, data_spec=args.data, text_encoder=args.text_encoder, text_cache=args.text_cache,
-          grad_accum=args.grad_accum, seed=args.seed, log_every=args.log_every, save_every=args.save_every)
+          grad_accum=args.grad_accum, seed=args.seed, log_every=args.log_every, save_every=args.save_every,
+          mesh=mesh)
 
 
 if __name__ == "__main__":
