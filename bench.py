@@ -28,6 +28,7 @@ from flax import nnx
 
 import diffusion
 import imagen
+import sharding
 import train
 from unet import UNetConfig
 
@@ -77,7 +78,7 @@ def matmul_peak(dtype):
 
 
 def bench_train(stage, tcfg, batch, text_len, steps, mesh=None):
-    mesh = mesh or train.make_mesh()
+    mesh = mesh or sharding.make_mesh()
     tcfg = dataclasses.replace(tcfg, batch_size=batch)
     shapes = train.batch_shapes(stage, batch, text_len)
     _, abstract = train.abstract_state(stage, tcfg)
@@ -87,7 +88,7 @@ def bench_train(stage, tcfg, batch, text_len, steps, mesh=None):
     step = train.compile_step(stage, tcfg, mesh, 1, 0).lower(abstract, shapes).compile()
     mem = step.memory_analysis()  # XLA's plan, on every backend
     _, state = train.init_state(stage, tcfg, 0)
-    state = jax.device_put(state, train.state_shardings(mesh, state))
+    state = jax.device_put(state, sharding.state_shardings(mesh, state))
     rng = np.random.default_rng(0)
     b = {k: (rng.standard_normal(s.shape).astype(np.float32) if s.dtype == jnp.float32 else
              np.ones(s.shape, bool) if s.dtype == jnp.bool_ else np.arange(s.shape[0], dtype=np.int32))
@@ -230,7 +231,7 @@ def main(argv=None):
          "text_tokens": text_len, "attention": b.attention,
          "matmul_peak_tflops": peak / 1e12}
     if not a.no_train:
-        mesh = train.make_mesh(**train.parse_mesh(a.mesh))
+        mesh = sharding.make_mesh(**sharding.parse_mesh(a.mesh))
         r.update(bench_train(stage, tcfg, a.batch_size, text_len, a.steps, mesh))
         r["mesh"] = dict(mesh.shape)
         r["mfu"] = r["tflops"] * 1e12 / (peak * jax.device_count())

@@ -1,100 +1,255 @@
-"""Training data for the three stages: image-caption sources, preprocessing, host batches.
+"""Training data for the three stages on Grain: random-access sources, per-host streams, decode
+workers, and the offline text-embedding cache.
 
 Saharia et al. 2022, §4.1 trains on ~860M image-text pairs (internal data + LAION-400M); the
 super-resolution models get their low-resolution input by down-sampling, and the 256->1024
-model trains on 64->256 random crops of the 1024 images (§2.5). Sources:
+model trains on 64->256 random crops of the 1024 images (§2.5). §2.1: the frozen encoder's
+embeddings "can be computed offline". Sources (random access: example i in O(1)):
+  - WebDataset .tar shards as img2dataset writes them (NNNN.jpg + NNNN.txt), through a
+    per-shard index of member offsets built once, in parallel, and kept beside the shards (or
+    in --index-dir); rebuilt when a shard's size or time changes;
   - a folder of images with same-named .txt captions (a.jpg + a.txt), searched recursively;
-  - WebDataset-style .tar shards (what img2dataset writes for LAION: NNNN.jpg + NNNN.txt),
-    read with the standard library's tarfile;
   - "shapes": the built-in synthetic captioned-shapes dataset of the demo (shapes.py).
-An unreadable or corrupt image is skipped and counted, never fatal. In a multi-host run each
-host reads only its own share: block h of every global batch (h = jax.process_index()).
+
+The stream: position n of the global stream is example order[n], a Grain index shuffle of
+epoch n // len (a new one each epoch, O(1) per example, nothing materialised); shapes are read
+in order. It is cut into global batches; host h of P reads block h of every one (stream_index),
+so P hosts together read what one process would. A host's state is one number, how many
+examples it has read: resuming from it repeats an uninterrupted run with any number of decode
+workers. An unreadable image (corrupt, truncated, missing caption) is replaced by the next
+readable example in index order and counted, so every batch is full and deterministic.
+
+  python data.py --data /data/laion --stage base --batch-size 256 --batches 20 --data-workers 2
 """
 
+import argparse
+import collections
 import dataclasses
 import glob
+import hashlib
 import io
+import json
+import multiprocessing
 import os
+import sys
 import tarfile
+import time
+from concurrent.futures import ProcessPoolExecutor
 
+import grain
+from absl import flags  # comes with grain
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+import imagen
 import shapes
 import t5_encoder
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+MAX_OPEN_SHARDS = 64  # per process: open files are bounded
+DECODE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, SyntaxError, UnicodeDecodeError)
 
 
-@dataclasses.dataclass
-class Source:
-    """An indexable list of examples: kind "folder" | "tar" | "shapes"."""
-    kind: str
-    items: list  # folder: (image path, caption path); tar: (tar path, image member, caption member)
-    seed: int = 0  # shapes: the dataset seed
+# ---------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------
+
+class ShapesSource:
+    """The demo's synthetic shapes: unbounded, example i drawn from (seed, i)."""
+    kind = "shapes"
+
+    def __init__(self, seed=0):
+        self.seed = seed
 
     def __len__(self):
-        return len(self.items) if self.kind != "shapes" else 2 ** 31 - 1  # shapes: unbounded
+        return 2 ** 31 - 1
 
-    def caption(self, i: int) -> str:
-        if self.kind == "shapes":
-            return shapes.make_example(self.seed, i)[1]
-        if self.kind == "folder":
-            with open(self.items[i][1], encoding="utf-8") as f:
-                return f.read().strip()
-        tar_path, _, txt = self.items[i]
-        with tarfile.open(tar_path) as tf:
-            return tf.extractfile(txt).read().decode("utf-8").strip()
+    def caption(self, i):
+        return shapes.make_example(self.seed, i)[1]
 
-    def load(self, i: int):
-        """-> (PIL RGB image or None if it cannot be decoded, caption)."""
-        if self.kind == "shapes":
-            img, caption, _, _ = shapes.make_example(self.seed, i)
-            return img, caption
-        try:
-            if self.kind == "folder":
-                img, caption = Image.open(self.items[i][0]), self.caption(i)
-            else:  # one open of the shard for both members
-                tar_path, member, txt = self.items[i]
-                with tarfile.open(tar_path) as tf:
-                    img = Image.open(io.BytesIO(tf.extractfile(member).read()))
-                    caption = tf.extractfile(txt).read().decode("utf-8").strip()
-            img = img.convert("RGB")  # forces decoding: a truncated file fails here
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
-            return None, None
+    def load(self, i):
+        img, caption, _, _ = shapes.make_example(self.seed, i)
         return img, caption
 
+    def fingerprint(self):
+        return f"shapes:{self.seed}"
 
-def open_source(data: str, seed: int = 0) -> Source:
-    """--data PATH -> a Source: "shapes", a folder, a .tar file, or a folder/glob of .tar files."""
+
+class FolderSource:
+    """a.jpg + a.txt pairs under a folder (listed once at start-up: for folders, not LAION)."""
+    kind = "folder"
+
+    def __init__(self, items):
+        self.items = items  # (image path, caption path)
+
+    def __len__(self):
+        return len(self.items)
+
+    def caption(self, i):
+        with open(self.items[i][1], encoding="utf-8") as f:
+            return f.read().strip()
+
+    def load(self, i):
+        """-> (PIL RGB image, caption), or (None, None) if it cannot be read."""
+        try:
+            img = Image.open(self.items[i][0]).convert("RGB")  # decodes: a truncated file fails here
+            return img, self.caption(i)
+        except DECODE_ERRORS:
+            return None, None
+
+    def fingerprint(self):
+        return hashlib.sha256("\0".join(p for p, _ in self.items).encode()).hexdigest()
+
+
+def _scan_shard(tar_path) -> np.ndarray:
+    """One shard's index: (n, 4) int64 rows [image offset, image size, caption offset, caption
+    size] of every image member, in name order; -1, -1 where its same-stem .txt is missing (an
+    unreadable example, replaced when read). A truncated shard keeps the members before the
+    damage; one cut inside its data reads short, and is unreadable too."""
+    members = {}
+    try:
+        with tarfile.open(tar_path) as tf:
+            for m in tf:
+                if m.isfile():
+                    members[m.name] = (m.offset_data, m.size)
+    except (tarfile.TarError, OSError):
+        pass
+    rows = []
+    for name in sorted(members):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() in IMAGE_EXTS:
+            rows.append(members[name] + members.get(stem + ".txt", (-1, -1)))
+    return np.array(rows, np.int64).reshape(-1, 4)
+
+
+def _index_path(index_dir, tar_path):
+    digest = hashlib.sha1(os.path.abspath(tar_path).encode()).hexdigest()[:10]
+    return os.path.join(index_dir, f"{os.path.basename(tar_path)}.{digest}.index.npy")
+
+
+def _build_index(args):
+    tar_path, path = args
+    rows = _scan_shard(tar_path)
+    with open(path + ".tmp", "wb") as f:
+        np.save(f, rows)
+    os.replace(path + ".tmp", path)
+    return len(rows)
+
+
+def index_shards(tars, index_dir=None, workers=None):
+    """-> the example count of each shard, from the shard index in index_dir (default: beside
+    the first shard): summary.json lists every shard's (size, mtime_ns, count); a shard that is
+    new or changed is (re)scanned, in parallel, and the summary rewritten. Start-up then costs
+    one stat per shard."""
+    index_dir = index_dir or os.path.join(os.path.dirname(os.path.abspath(tars[0])), "_index")
+    try:
+        os.makedirs(index_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"cannot write the shard index to {index_dir} ({e}): pass --index-dir "
+                         f"a writable directory") from None
+    summary_path = os.path.join(index_dir, "summary.json")
+    summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+    stats = {t: os.stat(t) for t in tars}
+    key = lambda t: [stats[t].st_size, stats[t].st_mtime_ns]
+    todo = [t for t in tars if summary.get(os.path.abspath(t), [None] * 3)[:2] != key(t)
+            or not os.path.exists(_index_path(index_dir, t))]
+    if todo:
+        t0 = time.time()
+        jobs = [(t, _index_path(index_dir, t)) for t in todo]
+        if len(jobs) <= 4:
+            counts = list(map(_build_index, jobs))
+        else:  # spawned, not forked: this process runs JAX's threads
+            with ProcessPoolExecutor(workers or os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
+                counts = list(pool.map(_build_index, jobs, chunksize=16))
+        for t, n in zip(todo, counts):
+            summary[os.path.abspath(t)] = key(t) + [n]
+        with open(summary_path + ".tmp", "w") as f:
+            json.dump(summary, f)
+        os.replace(summary_path + ".tmp", summary_path)
+        print(f"indexed {len(todo)} shards in {time.time() - t0:.1f} s ({index_dir})", file=sys.stderr)
+    return index_dir, [summary[os.path.abspath(t)][2] for t in tars]
+
+
+class TarSource:
+    """img2dataset .tar shards through their index: example i is a pread of two members. Open
+    shards and loaded indices are kept in bounded LRU caches (per process: every decode worker
+    opens its own)."""
+    kind = "tar"
+
+    def __init__(self, tars, index_dir=None):
+        self.tars = tars
+        self.index_dir, counts = index_shards(tars, index_dir)
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._files, self._rows = collections.OrderedDict(), collections.OrderedDict()
+
+    def __getstate__(self):  # a worker opens its own files
+        return dict(self.__dict__, _files=collections.OrderedDict(), _rows=collections.OrderedDict())
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def _cached(self, cache, s, make):
+        if s not in cache:
+            if len(cache) >= MAX_OPEN_SHARDS:
+                old = cache.popitem(last=False)[1]
+                if hasattr(old, "close"):
+                    old.close()
+            cache[s] = make()
+        cache.move_to_end(s)
+        return cache[s]
+
+    def _members(self, i):
+        s = int(np.searchsorted(self.starts, i, "right")) - 1
+        rows = self._cached(self._rows, s, lambda: np.load(_index_path(self.index_dir, self.tars[s]), mmap_mode="r"))
+        f = self._cached(self._files, s, lambda: open(self.tars[s], "rb"))
+        io_ = lambda off, size: os.pread(f.fileno(), int(size), int(off))
+        img_off, img_size, txt_off, txt_size = rows[i - self.starts[s]]
+        return io_(img_off, img_size), io_(txt_off, max(txt_size, 0)), img_size, txt_size
+
+    def caption(self, i):
+        return self._members(i)[1].decode("utf-8", "replace").strip()
+
+    def load(self, i):
+        try:
+            img, txt, img_size, txt_size = self._members(i)
+            if len(img) != img_size or len(txt) != txt_size:  # no caption, or the shard was cut short
+                return None, None
+            return Image.open(io.BytesIO(img)).convert("RGB"), txt.decode("utf-8").strip()
+        except DECODE_ERRORS:
+            return None, None
+
+    def fingerprint(self):
+        summary = json.load(open(os.path.join(self.index_dir, "summary.json")))
+        return hashlib.sha256(json.dumps([summary[os.path.abspath(t)] + [t] for t in self.tars]).encode()).hexdigest()
+
+
+def open_source(data: str, seed: int = 0, index_dir=None):
+    """--data PATH -> a source: "shapes", a folder, a .tar file, or a folder/glob of .tar files."""
     if data == "shapes":
-        return Source("shapes", [], seed)
+        return ShapesSource(seed)
     tars = (sorted(glob.glob(data)) if any(c in data for c in "*?[") else [data] if data.endswith(".tar")
             else sorted(glob.glob(os.path.join(data, "**", "*.tar"), recursive=True)) if os.path.isdir(data) else [])
     if tars:
-        items = []
-        for tar_path in tars:
-            with tarfile.open(tar_path) as tf:
-                names = {m.name for m in tf.getmembers() if m.isfile()}
-            for name in sorted(names):
-                stem, ext = os.path.splitext(name)
-                if ext.lower() in IMAGE_EXTS and stem + ".txt" in names:
-                    items.append((tar_path, name, stem + ".txt"))
-        kind = "tar"
+        source = TarSource(tars, index_dir)
     elif os.path.isdir(data):
         items = []
         for path in sorted(glob.glob(os.path.join(data, "**", "*"), recursive=True)):
             stem, ext = os.path.splitext(path)
             if ext.lower() in IMAGE_EXTS and os.path.exists(stem + ".txt"):
                 items.append((path, stem + ".txt"))
-        kind = "folder"
+        source = FolderSource(items)
     else:
         raise FileNotFoundError(f"--data {data!r}: not 'shapes', a folder of images with .txt "
                                 f"captions, or .tar shards")
-    if not items:
+    if not len(source):
         raise FileNotFoundError(f"--data {data!r}: no image with a same-named .txt caption found")
-    return Source(kind, items)
+    return source
 
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing
+# ---------------------------------------------------------------------------------------------
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
     """Resize the shortest side to `size`, then crop the centre square."""
@@ -128,6 +283,10 @@ def preprocess(img: Image.Image, stage, rng: np.random.Generator):
     return to_array(img), lowres
 
 
+# ---------------------------------------------------------------------------------------------
+# The per-host stream (Grain)
+# ---------------------------------------------------------------------------------------------
+
 def stream_index(k: int, batch: int, process_index: int, process_count: int) -> int:
     """The k-th example of this host's share of the stream. The stream is cut into global
     batches of batch x process_count examples; host h reads the h-th block of `batch` in each,
@@ -136,39 +295,129 @@ def stream_index(k: int, batch: int, process_index: int, process_count: int) -> 
     return (step * process_count + process_index) * batch + j
 
 
-def example_index(source: Source, n: int, seed: int) -> int:
-    """Position n of the stream -> example index: a new permutation each epoch (shapes: n)."""
-    if source.kind == "shapes":
-        return n
-    epoch, i = divmod(n, len(source))
-    return int(np.random.default_rng([seed, epoch]).permutation(len(source))[i])
+@dataclasses.dataclass(frozen=True)
+class _Example:
+    """Host stream position k -> one preprocessed example (runs in the decode workers)."""
+    source: object
+    order: object  # global stream position -> example index (a Grain MapDataset)
+    stage: object
+    batch: int
+    process_index: int
+    process_count: int
+    seed: int
+
+    def __call__(self, k):
+        i = int(self.order[stream_index(k, self.batch, self.process_index, self.process_count)])
+        for skipped in range(101):  # the fixed replacement rule: the next example in index order
+            img, caption = self.source.load((i + skipped) % len(self.source))
+            if img is not None:
+                break
+        else:
+            raise RuntimeError(f"100 unreadable images in a row from example {i}: check --data")
+        i = (i + skipped) % len(self.source)
+        x0, low = preprocess(img, self.stage, np.random.default_rng([self.seed, i, k + 1]))
+        out = {"image": x0, "caption": caption, "index": i, "skipped": skipped}
+        return out | ({"lowres": low} if low is not None else {})
 
 
-def host_batch(source: Source, stage, batch: int, position: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
-    """This host's `batch` examples, read from its share of the stream starting at its
-    `position`. Corrupt images are skipped (and counted). Returns (images, lowres or None,
-    captions, example indices, new position, number skipped)."""
-    images, lows, captions, indices, skipped = [], [], [], [], 0
-    while len(images) < batch:
-        i = example_index(source, stream_index(position, batch, process_index, process_count), seed)
-        position += 1
-        img, caption = source.load(i)
-        if img is None:
-            skipped += 1
-            if skipped > 100 + 10 * batch:
-                raise RuntimeError(f"more than {skipped} unreadable images in a row: check --data")
-            continue
-        x0, low = preprocess(img, stage, np.random.default_rng([seed, i, position]))
-        images.append(x0), lows.append(low), captions.append(caption), indices.append(i)
-    lowres = np.stack(lows) if stage.lowres_side else None
-    return np.stack(images), lowres, captions, np.array(indices), position, skipped
+def _stack(examples):
+    return {k: [e[k] for e in examples] if k == "caption" else np.stack([e[k] for e in examples])
+            for k in examples[0]}
 
 
-def load_text_encoder(name: str):
+def host_stream(source, stage, batch: int, position: int, seed: int, process_index: int = 0,
+                process_count: int = 1, workers: int = 0):
+    """An iterator of this host's batches from its `position` (examples read so far): dicts of
+    image (B, s, s, 3), lowres, caption (a list), index, skipped (counts per example); each
+    batch moves the position on by `batch`. workers > 0: decoding in that many processes."""
+    order = grain.MapDataset.range(len(source))
+    if source.kind != "shapes":
+        order = order.shuffle(seed)
+    order = order.repeat()  # each epoch shuffled anew
+    ds = grain.MapDataset.range(position, sys.maxsize).map(
+        _Example(source, order, stage, batch, process_index, process_count, seed))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if workers else 2, prefetch_buffer_size=2 * batch))
+    if workers:
+        if not flags.FLAGS.is_parsed():  # Grain's worker start reads an absl flag: outside absl.app, defaults
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=batch))
+    return iter(it.batch(batch, batch_fn=_stack))
+
+
+def host_batch(source, stage, batch, position, seed, process_index=0, process_count=1):
+    """One batch of host_stream -> (images, lowres or None, captions, example indices, the
+    position after it, images replaced as unreadable)."""
+    b = next(host_stream(source, stage, batch, position, seed, process_index, process_count))
+    return b["image"], b.get("lowres"), b["caption"], b["index"], position + batch, int(b["skipped"].sum())
+
+
+def load_text_encoder(name: str, dtype=jnp.float32):
     """The text encoder a stage config names -> (encoder, tokenizer): a T5 v1.1 checkpoint
     directory (t5_encoder.load_t5), or "demo-t5", the demo's random encoder, whose output
     whitening is fitted on the demo dataset's training captions (the shapes grammar's, held-out
     ones excluded)."""
     texts = [c for c in shapes.all_captions() if not shapes.is_heldout(c)] if name == "demo-t5" else None
-    return t5_encoder.load_text_encoder(name, whitening_texts=texts)
+    return t5_encoder.load_text_encoder(name, dtype, whitening_texts=texts)
+
+
+# ---------------------------------------------------------------------------------------------
+# python data.py: time the loader alone; write a synthetic img2dataset-layout set
+# ---------------------------------------------------------------------------------------------
+
+def write_synthetic_shards(out_dir, entries: int, shards: int, side: int = 256, seed: int = 0):
+    """img2dataset's layout (NNNNN.tar holding NNNNNNNNN.jpg + .txt) from the shapes dataset,
+    for measuring the loader and for tests. One scene per shard (every entry is decoded anew)."""
+    os.makedirs(out_dir, exist_ok=True)
+    per = -(-entries // shards)
+    for s in range(shards):
+        img, caption, _, _ = shapes.make_example(seed, s, side)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        with tarfile.open(os.path.join(out_dir, f"{s:05d}.tar"), "w") as tf:
+            for j in range(s * per, min(entries, (s + 1) * per)):
+                for ext, payload in ((".jpg", buf.getvalue()), (".txt", f"{caption} #{j}".encode())):
+                    info = tarfile.TarInfo(f"{j:09d}{ext}")
+                    info.size = len(payload)
+                    tf.addfile(info, io.BytesIO(payload))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="'shapes', a folder of images + .txt, or .tar shards")
+    p.add_argument("--preset", choices=list(imagen.PRESETS), default="paper")
+    p.add_argument("--stage", choices=list(imagen.STAGE_NAMES), default="base")
+    p.add_argument("--batch-size", type=int, default=256, help="this host's batch")
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--data-workers", type=int, default=0)
+    p.add_argument("--index-dir", default=None)
+    p.add_argument("--write-synthetic", type=int, default=0, metavar="ENTRIES",
+                   help="first write ENTRIES synthetic examples to --data in --shards shards")
+    p.add_argument("--shards", type=int, default=100)
+    p.add_argument("--side", type=int, default=256, help="--write-synthetic: image side")
+    a = p.parse_args(argv)
+    if a.write_synthetic:
+        t = time.time()
+        write_synthetic_shards(a.data, a.write_synthetic, a.shards, a.side)
+        print(f"wrote {a.write_synthetic} examples in {a.shards} shards to {a.data} in {time.time() - t:.1f} s")
+    stage = imagen.PRESETS[a.preset][a.stage]
+    t = time.time()
+    source = open_source(a.data, 0, a.index_dir)
+    startup = time.time() - t
+    print(f"opened {len(source)} examples in {startup:.2f} s")
+    stream = host_stream(source, stage, a.batch_size, 0, 0, workers=a.data_workers)
+    next(stream)  # the workers' start-up and the first batch
+    first = time.time() - t - startup
+    t, skipped = time.time(), 0
+    for _ in range(a.batches):
+        skipped += int(next(stream)["skipped"].sum())
+    dt = time.time() - t
+    stream.close()
+    rec = {"examples": len(source), "stage": a.stage, "side": stage.train_side, "workers": a.data_workers,
+           "batch": a.batch_size, "startup_s": round(startup, 3), "first_batch_s": round(first, 2),
+           "img_per_s": round(a.batch_size * a.batches / dt, 1), "skipped": skipped}
+    print(f"{rec['img_per_s']} images/s at {stage.train_side}x{stage.train_side} with {a.data_workers} workers")
+    print(json.dumps(rec))
+
+
+if __name__ == "__main__":
+    main()

@@ -29,7 +29,6 @@ import numpy as np
 from flax import nnx
 from huggingface_hub import snapshot_download  # comes with transformers
 from safetensors import safe_open
-from tqdm import tqdm
 from transformers import AutoTokenizer, ByT5Tokenizer
 
 
@@ -311,6 +310,13 @@ def demo_t5(whitening_texts, dtype=jnp.float32) -> WhitenedT5Encoder:
 _WHITENING = {}  # (dtype, digest of the texts) -> (mean, W)
 
 
+def _texts_digest(texts) -> str:
+    h = hashlib.sha256()
+    for c in texts:
+        h.update(c.encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
 def load_text_encoder(name: str, dtype=jnp.float32, whitening_texts=None):
     """"demo-t5" -> the random tiny demo encoder (whitened on whitening_texts) + ByT5 tokenizer;
     anything else -> load_t5 (a checkpoint directory such as one holding google/t5-v1_1-xxl)."""
@@ -321,10 +327,34 @@ def load_text_encoder(name: str, dtype=jnp.float32, whitening_texts=None):
     return load_t5(name, dtype)
 
 
-@nnx.jit
-def _forward(encoder, ids, mask):
-    emb = encoder(ids, mask).astype(jnp.float32)
-    return jnp.where(mask[..., None], emb, 0.0)
+def abstract_encoder(name: str, dtype=jnp.float32) -> T5Encoder:
+    """The encoder `name` (as load_text_encoder reads it) as ShapeDtypeStructs, allocating and
+    reading nothing but config.json: a checkpoint directory, a T5_PRESETS name (the directory's
+    basename too, e.g. ckpt/t5-v1_1-xxl), or "demo-t5"."""
+    if name == "demo-t5":
+        return nnx.eval_shape(lambda: WhitenedT5Encoder(DEMO_T5, dtype))
+    cfg = (config_from_hf(name) if os.path.isdir(name) else
+           T5_PRESETS.get(os.path.basename(name.rstrip("/")).removeprefix("google/")))
+    if cfg is None:
+        raise FileNotFoundError(f"text encoder {name!r}: not a checkpoint directory, nor one of "
+                                f"{sorted(T5_PRESETS)}")
+    return nnx.eval_shape(lambda: T5Encoder(cfg, dtype))
+
+
+def embed(encoder, ids_BL, mask_BL):
+    """The text embeddings (§2.1: the encoder's last hidden states) as float32, zero where padded."""
+    emb = encoder(ids_BL, mask_BL).astype(jnp.float32)
+    return jnp.where(mask_BL[..., None], emb, 0.0)
+
+
+_forward = nnx.jit(embed)
+
+
+def tokenize(tokenizer, texts, max_length: int = MAX_LENGTH):
+    """Texts -> (ids (B, L) int32, mask (B, L) bool) as numpy, padded or cut to L = max_length."""
+    tok = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
+                    return_tensors="np")
+    return tok["input_ids"].astype(np.int32), tok["attention_mask"].astype(bool)
 
 
 def encode(encoder, tokenizer, texts, max_length: int = MAX_LENGTH):
@@ -343,98 +373,8 @@ def encode(encoder, tokenizer, texts, max_length: int = MAX_LENGTH):
     if cut:
         warnings.warn(f"{len(cut)} of {len(texts)} prompts are longer than {max_length} tokens "
                       f"and were cut, e.g. {cut[0][:60]!r}...", stacklevel=2)
-    tok = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
-                    return_tensors="np")
-    mask = tok["attention_mask"].astype(bool)
-    return _forward(encoder, jnp.asarray(tok["input_ids"]), jnp.asarray(mask)), mask
-
-
-# ---------------------------------------------------------------------------------------------
-# Offline text-embedding cache (§2.1: "embeddings can be computed offline")
-# ---------------------------------------------------------------------------------------------
-
-def _texts_digest(texts) -> str:
-    h = hashlib.sha256()
-    for c in texts:
-        h.update(c.encode("utf-8") + b"\0")
-    return h.hexdigest()
-
-
-def cache_embeddings(encoder, tokenizer, captions, out_dir, batch_size=64,
-                     max_length: int = MAX_LENGTH, encoder_name: str = ""):
-    """Encode `captions` once, in shards of batch_size, into out_dir:
-    meta.json, and per shard emb_NNNNNN.npy (n, L_shard, D) float16 (L_shard = the shard's
-    longest prompt) and mask_NNNNNN.npy (n, L_shard) bool, written atomically (mask last). A
-    re-run skips finished shards, so an interrupted run resumes where it stopped. A directory
-    made for other captions or settings is refused. Returns out_dir.
-    """
-
-    os.makedirs(out_dir, exist_ok=True)
-    meta = {"n": len(captions), "batch_size": batch_size, "max_length": max_length,
-            "dim": encoder.cfg.d_model, "captions_sha256": _texts_digest(captions),
-            "encoder": encoder_name}
-    meta_path = os.path.join(out_dir, "meta.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
-        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
-        if diff:
-            raise ValueError(f"{out_dir} holds an embedding cache made with other settings "
-                             f"(old, new): {diff}. Use another directory or delete it.")
-    else:
-        with open(meta_path, "w") as f:
-            json.dump(meta, f, indent=1)
-    num_shards = -(-len(captions) // batch_size)
-    for i in tqdm(range(num_shards), desc="T5 embeddings", unit="shard"):
-        mask_path = os.path.join(out_dir, f"mask_{i:06d}.npy")
-        if os.path.exists(mask_path):
-            continue
-        emb, mask = encode(encoder, tokenizer, captions[i * batch_size:(i + 1) * batch_size], max_length)
-        L = max(int(mask.sum(axis=1).max()), 1)
-        for path, arr in ((os.path.join(out_dir, f"emb_{i:06d}.npy"), np.asarray(emb[:, :L], np.float16)),
-                          (mask_path, mask[:, :L])):
-            with open(path + ".tmp", "wb") as f:
-                np.save(f, arr)
-            os.replace(path + ".tmp", path)
-    return out_dir
-
-
-class EmbeddingCache:
-    """Reads what cache_embeddings wrote: cache[indices] -> (emb (n, L, D) float32, mask)."""
-
-    def __init__(self, out_dir):
-        meta_path = os.path.join(out_dir, "meta.json")
-        if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"{meta_path} is missing: make the cache with "
-                                    f"t5_encoder.cache_embeddings first.")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        self.dir = out_dir
-        self._shards = {}
-        missing = [i for i in range(-(-self.meta["n"] // self.meta["batch_size"]))
-                   if not os.path.exists(os.path.join(out_dir, f"mask_{i:06d}.npy"))]
-        if missing:
-            raise FileNotFoundError(f"{out_dir}: {len(missing)} shards are not finished (first: "
-                                    f"{missing[0]}); re-run cache_embeddings to complete it.")
-
-    def __len__(self):
-        return self.meta["n"]
-
-    def _shard(self, i):
-        if i not in self._shards:
-            self._shards[i] = (np.load(os.path.join(self.dir, f"emb_{i:06d}.npy"), mmap_mode="r"),
-                               np.load(os.path.join(self.dir, f"mask_{i:06d}.npy")))
-        return self._shards[i]
-
-    def __getitem__(self, indices):
-        L, D, bs = self.meta["max_length"], self.meta["dim"], self.meta["batch_size"]
-        indices = np.atleast_1d(indices)
-        emb = np.zeros((len(indices), L, D), np.float32)
-        mask = np.zeros((len(indices), L), bool)
-        for j, idx in enumerate(indices):
-            e, m = self._shard(int(idx) // bs)
-            emb[j, :e.shape[1]], mask[j, :m.shape[1]] = e[int(idx) % bs], m[int(idx) % bs]
-        return emb, mask
+    ids, mask = tokenize(tokenizer, texts, max_length)
+    return _forward(encoder, jnp.asarray(ids), jnp.asarray(mask)), mask
 
 
 if __name__ == "__main__":

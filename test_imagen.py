@@ -7,6 +7,8 @@ training, the cascade and its checkpoints, the command lines, the demo.
 """
 
 import dataclasses
+import io
+import itertools
 import json
 import math
 import os
@@ -39,6 +41,8 @@ import efficient_unet as E  # noqa: E402
 import imagen  # noqa: E402
 import sample  # noqa: E402
 import shapes  # noqa: E402
+import text_cache  # noqa: E402
+import sharding  # noqa: E402
 import t5_encoder as T5  # noqa: E402
 import train  # noqa: E402
 import unet as U  # noqa: E402
@@ -393,28 +397,41 @@ def test_t5_encode_inputs_and_truncation_warning(tiny_t5_dir):
     assert mask_empty.sum() == 1 and bool(jnp.all(jnp.isfinite(emb_empty)))
 
 
-def test_t5_embedding_cache_resumes(tiny_t5_dir, tmp_path, monkeypatch):
+def test_text_cache_two_hosts_equal_one_and_resume(tiny_t5_dir, tmp_path, monkeypatch, shard_dir):
     enc, tok = T5.load_t5(tiny_t5_dir, dtype=jnp.float32)
-    captions = [f"caption number {i}" + "!" * (i % 5) for i in range(10)]
-    out = str(tmp_path / "cache")
-    T5.cache_embeddings(enc, tok, captions, out, batch_size=4)
-    cache = T5.EmbeddingCache(out)
-    emb, mask = cache[np.arange(10)]
-    ref, ref_mask = T5.encode(enc, tok, captions)
-    np.testing.assert_array_equal(mask, ref_mask)
-    np.testing.assert_allclose(emb, ref, atol=2e-3 * float(jnp.max(jnp.abs(ref))))  # float16 storage
-    # an interrupted run: the last shard never finished
-    os.remove(os.path.join(out, "mask_000002.npy"))
-    with pytest.raises(FileNotFoundError, match="not finished"):
-        T5.EmbeddingCache(out)
-    calls = []
-    real_encode = T5.encode
+    src = data.open_source(shard_dir)  # 24 captions of varied length
+    kw = dict(encoder_name="tiny", max_length=64, chunk=4, progress=False)
+    one = text_cache.build_text_cache(enc, tok, src, str(tmp_path / "one"), **kw)
+    for h in (0, 1):  # two hosts, each its share
+        assert not text_cache.TextCache.complete(str(tmp_path / "two"))
+        text_cache.build_text_cache(enc, tok, src, str(tmp_path / "two"), process_index=h, process_count=2, **kw)
+    a, b = text_cache.TextCache(one)[np.arange(24)], text_cache.TextCache(str(tmp_path / "two"))[np.arange(24)]
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    ref, ref_mask = T5.encode(enc, tok, [src.caption(i) for i in range(24)], 64)
+    assert len(set(ref_mask.sum(1))) > 1  # captions of several lengths
+    np.testing.assert_array_equal(a[1], ref_mask)
+    np.testing.assert_allclose(a[0], ref, atol=2e-3 * float(jnp.max(jnp.abs(ref))))  # float16, trimmed, padded
+    # interrupted after two chunks: the re-run encodes only the rest, and equals the whole run
+    calls, real_encode = [], T5.encode
+
+    def failing(*a, **k):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(len(a[2]))
+        return real_encode(*a, **k)
+
+    monkeypatch.setattr(T5, "encode", failing)
+    with pytest.raises(KeyboardInterrupt):
+        text_cache.build_text_cache(enc, tok, src, str(tmp_path / "resumed"), **kw)
+    with pytest.raises(SystemExit, match="not a complete text cache"):
+        text_cache.TextCache(str(tmp_path / "resumed"))
     monkeypatch.setattr(T5, "encode", lambda *a, **k: calls.append(len(a[2])) or real_encode(*a, **k))
-    T5.cache_embeddings(enc, tok, captions, out, batch_size=4)
-    assert calls == [2]  # only the unfinished shard (captions 8, 9) is encoded again
-    np.testing.assert_array_equal(T5.EmbeddingCache(out)[np.arange(10)][0], emb)
-    with pytest.raises(ValueError, match="other settings"):
-        T5.cache_embeddings(enc, tok, captions[:5], out, batch_size=4)
+    text_cache.build_text_cache(enc, tok, src, str(tmp_path / "resumed"), **kw)
+    assert calls == [4] * 6  # 2 chunks, then the other 4
+    np.testing.assert_array_equal(text_cache.TextCache(str(tmp_path / "resumed"))[np.arange(24)][0], a[0])
+    with pytest.raises(SystemExit, match="other settings"):
+        text_cache.build_text_cache(enc, tok, src, one, **dict(kw, max_length=8))
 
 
 def test_t5_param_counts_allocate_nothing(tiny_t5_dir):
@@ -637,24 +654,32 @@ def test_sr2_is_fully_convolutional_on_two_sizes():
 # config or a NaN loss stops cleanly; corrupt data is skipped; the dry run; two processes.
 # =============================================================================================
 
-def _batch(stage, B=8, seed=0, position=0):
+def _batch(stage, B=8, seed=0, position=0, tokens=False):
     enc, tok = data.load_text_encoder("demo-t5")
     images, lowres, captions, indices, _, _ = data.host_batch(data.open_source("shapes", seed), stage, B, position, seed)
-    emb, mask = T5.encode(enc, tok, captions, stage.text_length)
-    b = {"image": images, "text_emb": emb, "text_mask": mask, "row": np.arange(B, dtype=np.int32)}
+    b = {"image": images, "row": np.arange(B, dtype=np.int32)}
+    if tokens:  # for a step that runs the encoder
+        b["tokens"], b["text_mask"] = T5.tokenize(tok, captions, stage.text_length)
+    else:
+        b["text_emb"], b["text_mask"] = T5.encode(enc, tok, captions, stage.text_length)
     if stage.lowres_side:
         b["lowres"] = lowres
     return b
 
 
-def _step_fn(stage, mesh_devices=1, grad_accum=1, tcfg=TINY_TRAIN, fsdp=1):
+def _step_fn(stage, mesh_devices=1, grad_accum=1, tcfg=TINY_TRAIN, fsdp=1, text_in_step=False):
     graphdef, state = train.init_state(stage, tcfg, 0)
-    mesh = train.make_mesh(fsdp=fsdp, devices=mesh_devices)
-    state = jax.device_put(state, train.state_shardings(mesh, state))
-    return train.compile_step(stage, tcfg, mesh, grad_accum, 0), state, graphdef
+    mesh = sharding.make_mesh(fsdp=fsdp, devices=mesh_devices)
+    state = jax.device_put(state, sharding.state_shardings(mesh, state))
+    if not text_in_step:
+        return train.compile_step(stage, tcfg, mesh, grad_accum, 0), state, graphdef
+    encoder = data.load_text_encoder("demo-t5")[0]
+    weights = jax.device_put(nnx.state(encoder), sharding.state_shardings(mesh, nnx.state(encoder)))
+    step = train.compile_step(stage, tcfg, mesh, grad_accum, 0, train.text_spec(encoder))
+    return (lambda st, b: step(st, b, weights)), state, weights  # the encoder's weights for graphdef
 
 
-# the tiny networks' weights are far below train.FSDP_MIN_SIZE: tests that shard the state lower
+# the tiny networks' weights are far below sharding.FSDP_MIN_SIZE: tests that shard the state lower
 # it, all to this one value (compile_step's cache does not see it)
 TINY_FSDP_MIN_SIZE = 256
 
@@ -709,15 +734,20 @@ def test_loss_falls_when_overfitting_a_few_examples():
 
 
 def test_meshes_and_micro_batches_equal_one_device_one_batch(monkeypatch):
-    # 8 devices with FSDP (data=2,fsdp=4; data=1,fsdp=8 with 2 micro-batches): the same losses
-    # and parameters as one device, one batch (8 devices data-parallel: every _train test)
+    # 8 devices with FSDP (data=2,fsdp=4; data=1,fsdp=8 with 2 micro-batches; the same with the
+    # frozen encoder inside the step, its weights sharded too): the same losses and parameters
+    # as one device, one batch of cached embeddings (8 devices data-parallel: every _train test)
     assert jax.device_count() == 8
-    monkeypatch.setattr(train, "FSDP_MIN_SIZE", TINY_FSDP_MIN_SIZE)
+    monkeypatch.setattr(sharding, "FSDP_MIN_SIZE", TINY_FSDP_MIN_SIZE)
     stage, tcfg = TINY_STAGES["sr1"], dataclasses.replace(TINY_TRAIN, batch_size=16)
-    b = _batch(stage, B=16)
+    batches = {False: _batch(stage, B=16), True: _batch(stage, B=16, tokens=True)}
     results = {}
-    for devices, accum, fsdp in ((1, 1, 1), (8, 1, 4), (8, 2, 8)):
-        step, state, _ = _step_fn(stage, devices, accum, tcfg, fsdp)
+    for devices, accum, fsdp, in_step in ((1, 1, 1, False), (8, 1, 4, False), (8, 2, 8, False), (8, 2, 8, True)):
+        step, state, weights = _step_fn(stage, devices, accum, tcfg, fsdp, in_step)
+        b = batches[in_step]
+        if in_step:  # the encoder's weights are split by the same rule
+            w = weights["blocks"][0]["ff"]["wi_0"]["kernel"]
+            assert {s.data.size for s in w.addressable_shards} == {w.size // 8}
         if fsdp == 8:  # really sharded: each device holds 1/8 of every sharded array
             kernel = state["params"]["down"][1]["res"][0]["conv1"]["kernel"]
             assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
@@ -727,8 +757,8 @@ def test_meshes_and_micro_batches_equal_one_device_one_batch(monkeypatch):
         for _ in range(3):
             state, loss = step(state, b)
             losses.append(float(loss))
-        results[(devices, accum, fsdp)] = (losses, jax.tree.map(np.asarray, state["params"]))
-    ref_losses, ref_params = results[(1, 1, 1)]
+        results[(devices, accum, fsdp, in_step)] = (losses, jax.tree.map(np.asarray, state["params"]))
+    ref_losses, ref_params = results[(1, 1, 1, False)]
     for key, (losses, params) in results.items():
         np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=str(key))
         # Adam divides by sqrt(v): a parameter whose gradient is ~1e-9 (float32 summation-order
@@ -738,7 +768,7 @@ def test_meshes_and_micro_batches_equal_one_device_one_batch(monkeypatch):
     # where a replicated state would add all of it
     _, shapes = train.abstract_state(stage, tcfg)
     batch = train.batch_shapes(stage, 16, stage.text_length)
-    arg_bytes = train.compile_step(stage, tcfg, train.make_mesh(fsdp=8), 2, 0).lower(
+    arg_bytes = train.compile_step(stage, tcfg, sharding.make_mesh(fsdp=8), 2, 0).lower(
         shapes, batch).compile().memory_analysis().argument_size_in_bytes
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
     assert arg_bytes < nbytes(batch) / 8 + 0.2 * nbytes(shapes), (arg_bytes, nbytes(batch), nbytes(shapes))
@@ -759,13 +789,13 @@ def _losses(workdir):
 def test_stopped_and_resumed_on_other_meshes_equals_uninterrupted(tmp_path, monkeypatch):
     # saved sharded on 8 devices (fsdp=8), resumed on 4 (fsdp=4), then on 1: the losses of an
     # uninterrupted 8-device run; and sampling loads the EMA of a sharded checkpoint
-    monkeypatch.setattr(train, "FSDP_MIN_SIZE", TINY_FSDP_MIN_SIZE)
+    monkeypatch.setattr(sharding, "FSDP_MIN_SIZE", TINY_FSDP_MIN_SIZE)
     _train(tmp_path / "a", 4)
-    _train(tmp_path / "b", 2, mesh=train.make_mesh(fsdp=8))
+    _train(tmp_path / "b", 2, mesh=sharding.make_mesh(fsdp=8))
     loaded = imagen.load_stage(str(tmp_path / "b"))
     assert loaded.step == 2 and all(len(x.devices()) == 1 for x in jax.tree.leaves(nnx.state(loaded.model)))
-    _train(tmp_path / "b", 3, mesh=train.make_mesh(fsdp=4, devices=4))  # resumes from the data position
-    _train(tmp_path / "b", 4, mesh=train.make_mesh(devices=1))
+    _train(tmp_path / "b", 3, mesh=sharding.make_mesh(fsdp=4, devices=4))  # resumes from the data position
+    _train(tmp_path / "b", 4, mesh=sharding.make_mesh(devices=1))
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert [s for s, _ in a] == [1, 2, 3, 4] and [s for s, _ in b] == [1, 2, 3, 4]
     np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=2e-5)
@@ -774,17 +804,18 @@ def test_stopped_and_resumed_on_other_meshes_equals_uninterrupted(tmp_path, monk
 def test_sigterm_saves_a_state_and_position_that_belong_together(tmp_path, monkeypatch):
     # the signal arrives while step 3's batch is being read: step 3 still runs, then the run
     # saves (state after step 3, the data position after its batch) and stops with a message
-    real = data.host_batch
+    real = data.host_stream
 
     def signalled(source, stage, batch, position, *a):
-        if position == 16:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(source, stage, batch, position, *a)
+        for k, b in enumerate(real(source, stage, batch, position, *a)):
+            if position + k * batch == 16:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield b
 
-    monkeypatch.setattr(data, "host_batch", signalled)
+    monkeypatch.setattr(data, "host_stream", signalled)
     with pytest.raises(SystemExit, match="SIGTERM: stopped after step 3; checkpoint saved"):
         _train(tmp_path / "b", 5)
-    monkeypatch.setattr(data, "host_batch", real)
+    monkeypatch.setattr(data, "host_stream", real)
     assert imagen.checkpoint_manager(str(tmp_path / "b")).latest_step() == 3
     _train(tmp_path / "b", 5)
     _train(tmp_path / "a", 5)
@@ -813,15 +844,15 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real = data.host_batch
+    real = data.host_stream
 
     def poisoned(source, stage, batch, position, *a):
-        out = list(real(source, stage, batch, position, *a))
-        if position >= 16:  # from the third step on
-            out[0] = out[0] * np.nan
-        return tuple(out)
+        for k, b in enumerate(real(source, stage, batch, position, *a)):
+            if position + k * batch >= 16:  # from the third step on
+                b["image"] = b["image"] * np.nan
+            yield b
 
-    monkeypatch.setattr(data, "host_batch", poisoned)
+    monkeypatch.setattr(data, "host_stream", poisoned)
     with pytest.raises(SystemExit, match="step 3.*last good checkpoint"):
         _train(tmp_path, 6, save_every=2, log_every=2)
     mngr = imagen.checkpoint_manager(str(tmp_path))
@@ -830,30 +861,82 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
 
 
-def test_folder_and_tar_data_skip_corrupt_images(tmp_path):
+@pytest.fixture(scope="session")
+def shard_dir(tmp_path_factory):
+    """img2dataset-layout shards the test writes: 3 x 8 examples at 40x40."""
+    out = tmp_path_factory.mktemp("shards")
+    data.write_synthetic_shards(str(out), 24, 3, side=40)
+    return str(out)
 
+
+def test_tar_shards_one_epoch_across_hosts_and_workers(shard_dir, tmp_path, capsys):
+    src = data.open_source(shard_dir, index_dir=str(tmp_path / "index"))  # indexed once, then read
+    assert len(src) == 24 and "indexed 3 shards" in capsys.readouterr().err
+    again = data.open_source(shard_dir, index_dir=str(tmp_path / "index"))
+    assert again.caption(9) == src.caption(9) and "indexed" not in capsys.readouterr().err
+    stage = TINY_STAGES["sr1"]
+    # 2 hosts x 3 batches of 4 = one epoch: every example exactly once, each host its own blocks
+    seen = {h: [i for b in itertools.islice(data.host_stream(src, stage, 4, 0, 0, h, 2), 3) for i in b["index"]]
+            for h in (0, 1)}
+    assert sorted(seen[0] + seen[1]) == list(range(24)) and seen[0] != list(range(12))  # shuffled
+    # the next epoch is shuffled anew
+    nxt = [i for b in itertools.islice(data.host_stream(src, stage, 4, 12, 0, 0, 2), 3) for i in b["index"]]
+    assert nxt != seen[0]
+    # decode workers: the same examples, crops and order as the loop's own threads
+    ref, par = (list(itertools.islice(data.host_stream(src, stage, 4, 4, 0, workers=w), 2)) for w in (0, 2))
+    for a, b in zip(ref, par):
+        np.testing.assert_array_equal(a["index"], b["index"])
+        np.testing.assert_array_equal(a["image"], b["image"])
+        assert a["caption"] == b["caption"] and a["caption"][0].endswith(f"#{a['index'][0]}")
+    images, lowres, captions, indices, position, skipped = data.host_batch(src, stage, 4, 0, 0)
+    assert images.shape == (4, 32, 32, 3) and lowres.shape == (4, 16, 16, 3) and position == 4 and skipped == 0
+    assert -1 <= images.min() and images.max() <= 1
+
+
+def test_unreadable_examples_are_replaced_and_counted(tmp_path, shard_dir):
+    bad = tmp_path / "bad"
+    shutil.copytree(shard_dir, bad, ignore=shutil.ignore_patterns("_index"))
+    with tarfile.open(bad / "00000.tar") as tf:  # shard 0: member 1 corrupt, member 2 without caption
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(bad / "00000.tar", "w") as tf:
+        for m, payload in members:
+            if m.name == "000000002.txt":
+                continue
+            payload = b"not a jpeg" if m.name == "000000001.jpg" else payload
+            m.size = len(payload)
+            tf.addfile(m, io.BytesIO(payload))
+    offset, size = data._scan_shard(bad / "00002.tar")[5, :2]
+    with open(bad / "00002.tar", "r+b") as f:  # shard 2: cut inside its sixth image
+        f.truncate(offset + size // 2)
+    src = data.open_source(str(bad))
+    assert len(src) == 8 + 8 + 6  # the cut image is indexed, what follows it is lost
+    unreadable = {i for i in range(len(src)) if src.load(i)[0] is None}
+    assert unreadable == {1, 2, 21}
+    epoch = next(data.host_stream(src, TINY_STAGES["base"], len(src), 0, 0))
+    # replaced by the next readable example: 1 -> 3 (two reads fail), 2 -> 3, 21 -> 0
+    assert int(epoch["skipped"].sum()) == 4 and not set(epoch["index"]) & unreadable
+    assert sorted(epoch["index"]) == sorted([i for i in range(22) if i not in unreadable] + [3, 3, 0])
+    # a folder of images: the same rule
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(5):
         img, cap, _, _ = shapes.make_example(1, i, 40)
         img.save(folder / f"{i:04d}.jpg") if i != 2 else (folder / "0002.jpg").write_bytes(b"not a jpeg")
         (folder / f"{i:04d}.txt").write_text(cap)
-    with tarfile.open(tmp_path / "shard-0000.tar", "w") as tf:
-        for f in sorted(os.listdir(folder)):
-            tf.add(folder / f, arcname=f)
-    for spec in (str(folder), str(tmp_path / "shard-0000.tar")):
-        src = data.open_source(spec)
-        assert len(src) == 5
-        images, lowres, captions, indices, position, skipped = data.host_batch(src, TINY_STAGES["sr1"], 4, 0, 0)
-        assert skipped == 1 and 2 not in indices and position == 5
-        assert images.shape == (4, 32, 32, 3) and lowres.shape == (4, 16, 16, 3)
-        assert captions[0] == src.caption(int(indices[0]))
-        assert -1 <= images.min() and images.max() <= 1
-    # a host reads only its share: hosts 0 and 1 of 2 read disjoint examples
-    src = data.open_source(str(folder))
-    i0 = data.host_batch(src, TINY_STAGES["base"], 2, 0, 0, 0, 2)[3]
-    i1 = data.host_batch(src, TINY_STAGES["base"], 2, 0, 0, 1, 2)[3]
-    assert not set(i0) & set(i1)
+    b = data.host_batch(data.open_source(str(folder)), TINY_STAGES["base"], 5, 0, 0)
+    assert b[5] == 1 and 2 not in b[3] and b[2][0] == data.open_source(str(folder)).caption(int(b[3][0]))
+
+
+def test_resume_on_tar_data_with_other_workers_equals_uninterrupted(tmp_path, shard_dir):
+    # and with the offline text cache (built by the first run, read by the others)
+    kw = dict(data_spec=shard_dir, text_cache=str(tmp_path / "cache"))
+    _train(tmp_path / "a", 4, **kw)
+    assert text_cache.TextCache.complete(kw["text_cache"])
+    _train(tmp_path / "b", 2, **kw)
+    _train(tmp_path / "b", 4, data_workers=2, **kw)
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert [s for s, _ in b] == [1, 2, 3, 4]
+    np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=1e-6)
 
 
 def test_dry_run_on_8_devices(capsys):
@@ -861,12 +944,17 @@ def test_dry_run_on_8_devices(capsys):
     out = capsys.readouterr().out
     assert "global batch" in out and "16 = 8 devices x 1 x 2 micro-batches" in out
     assert "FLOPs per step" in out and "bytes per device" in out and "train state per device" in out
-    assert float(rows["FLOPs per step"].split()[0]) > 0
-    assert train.parse_mesh("data=2,fsdp=-1") == {"data": 2, "fsdp": -1}
-    assert dict(train.make_mesh(**train.parse_mesh("data=2,fsdp=-1")).shape) == {"data": 2, "fsdp": 4}
+    assert float(rows["FLOPs per step"].split()[0]) > 0 and rows["text encoder"].startswith("offline")
+    # the frozen encoder inside the step: more FLOPs per image, its share of weights per device
+    in_step = train.dry_run(TINY_STAGES["base"], dataclasses.replace(TINY_TRAIN, batch_size=16), 2, 0,
+                            text_cache=False)
+    assert in_step["text encoder"].startswith("demo-t5 inside the step")
+    assert float(in_step["FLOPs per image"]) > float(rows["FLOPs per image"])
+    assert sharding.parse_mesh("data=2,fsdp=-1") == {"data": 2, "fsdp": -1}
+    assert dict(sharding.make_mesh(**sharding.parse_mesh("data=2,fsdp=-1")).shape) == {"data": 2, "fsdp": 4}
     for bad in ("data=3,fsdp=2", "fsdp=8,model=1", "data"):
         with pytest.raises(SystemExit, match="--mesh"):
-            train.make_mesh(**train.parse_mesh(bad))
+            sharding.make_mesh(**sharding.parse_mesh(bad))
 
 
 def test_train_cli_needs_a_stage_and_the_demo_cli_takes_a_workdir(monkeypatch, tmp_path):
@@ -887,8 +975,8 @@ def test_two_processes_train_like_one(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 " + FAST_COMPILE, JAX_PLATFORMS="cpu")
     code = ("import sys, jax; jax.config.update('jax_cpu_collectives_implementation', 'gloo'); "
             "jax.distributed.initialize(sys.argv[2], 2, int(sys.argv[3])); "
-            "import test_imagen as t; assert jax.device_count() == 8; t.train.FSDP_MIN_SIZE = t.TINY_FSDP_MIN_SIZE; "
-            "t._train(sys.argv[1], 3, mesh=t.train.make_mesh(fsdp=4))")
+            "import test_imagen as t; assert jax.device_count() == 8; t.sharding.FSDP_MIN_SIZE = t.TINY_FSDP_MIN_SIZE; "
+            "t._train(sys.argv[1], 3, mesh=t.sharding.make_mesh(fsdp=4))")
     port = 12000 + os.getpid() % 1000
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "multi"), f"127.0.0.1:{port}", str(i)],
                               env=env, cwd=os.path.dirname(os.path.abspath(__file__)),

@@ -7,9 +7,11 @@ model, Adam (0.9, 0.999, 1e-8) for the super-resolution models; learning rate 1e
 
 One jitted step, one linear loop, on a ('data', 'fsdp') mesh from `jax.make_mesh`: the batch
 splits over both axes; the train state (parameters, EMA, optimizer moments) splits over 'fsdp'
-by one rule (fsdp_spec), ZeRO-3 / FSDP style, and is replicated over 'data'. XLA's SPMD
+by one rule (sharding.py), ZeRO-3 / FSDP style, and is replicated over 'data'. XLA's SPMD
 partitioner inserts the all-gathers of the weights and the reduce-scatters of the gradients
-(fsdp = 1: plain data parallelism and its all-reduce). A global batch larger than the devices
+(fsdp = 1: plain data parallelism and its all-reduce). The frozen T5 encoder runs inside the
+step on the batch's token ids, its weights sharded by the same rule, unless the embeddings come
+from the offline cache (§2.1, --text-cache). A global batch larger than the devices
 hold is accumulated over micro-batches inside the step. Every example draws its own noise from
 fold_in(fold_in(seed, step), row), so the losses do not depend on the number of devices,
 hosts or micro-batches, and a resumed run repeats an uninterrupted one.
@@ -20,10 +22,10 @@ hosts or micro-batches, and a resumed run repeats an uninterrupted one.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
-import math
 import os
 import signal
 import sys
@@ -42,7 +44,10 @@ from tqdm import tqdm
 import data
 import diffusion
 import imagen
+import sharding
 import t5_encoder
+from text_cache import TextCache, build_text_cache
+from sharding import BATCH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,71 +114,28 @@ def abstract_state(stage, tcfg):
                       "step": jax.ShapeDtypeStruct((), jnp.int32)}
 
 
-def make_mesh(data=-1, fsdp=1, devices=None):
-    """A ('data', 'fsdp') mesh over the first `devices` (default all) devices; -1 fills the rest.
-    paper: not specified how the state was laid out over its 256 TPU-v4 chips (see the README)."""
-    n = devices or jax.device_count()
-    data, fsdp = (n // fsdp, fsdp) if data == -1 else (data, n // data if fsdp == -1 else fsdp)
-    if data * fsdp != n or min(data, fsdp) < 1:
-        raise SystemExit(f"--mesh data={data},fsdp={fsdp}: data x fsdp must be the {n} devices")
-    return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                         devices=jax.devices()[:n])
-
-
-def parse_mesh(spec: str) -> dict:
-    """"data=2,fsdp=4" -> {"data": 2, "fsdp": 4} (make_mesh's arguments)."""
-    try:
-        out = {k: int(v) for k, v in (part.split("=") for part in spec.split(","))}
-    except ValueError:
-        out = None
-    if not out or set(out) - {"data", "fsdp"}:
-        raise SystemExit(f"--mesh {spec!r}: expected data=D,fsdp=F (D x F = the devices; -1 fills the rest)")
-    return out
-
-
-BATCH = P(("data", "fsdp"))  # a global batch splits over every device
-FSDP_MIN_SIZE = 2 ** 16  # arrays smaller than this stay replicated: sharding them saves little
-
-
-def fsdp_spec(shape, fsdp: int) -> P:
-    """The one sharding rule of the train state: an array of FSDP_MIN_SIZE elements or more is
-    split over 'fsdp' along its last axis that fsdp divides (a conv's or dense layer's output
-    features first; a 3x3 kernel never splits on its 3s), else replicated. An optimizer moment
-    has its parameter's shape, so it splits like it; Adafactor's factored moments (a row and a
-    column vector per matrix) follow by the same rule or stay replicated."""
-    if fsdp == 1 or math.prod(shape) < FSDP_MIN_SIZE:
-        return P()
-    for axis in reversed(range(len(shape))):
-        if shape[axis] % fsdp == 0 and shape[axis] > 3:
-            return P(*[None] * axis, "fsdp")
-    return P()
-
-
-def state_shardings(mesh, state):
-    """NamedShardings for a train state (or any pytree of arrays / ShapeDtypeStructs)."""
-    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, mesh.shape["fsdp"])), state)
-
-
-def make_train_step(graphdef, stage, tcfg, grad_accum: int, seed: int, mesh=None):
-    """The whole update as one function of (state, batch) -> (state, loss), to be jitted."""
+def make_train_step(graphdef, stage, tcfg, grad_accum: int, seed: int, mesh=None, text_graphdef=None):
+    """The whole update as one function to be jitted: (state, batch) -> (state, loss) when the
+    batch holds text embeddings (the offline cache), (state, batch, text_weights) when it holds
+    token ids and the frozen encoder (text_graphdef) runs inside the step."""
     optimizer, _ = make_optimizer(tcfg)
     log_snr_fn = diffusion.SCHEDULES[stage.schedule]
     unroll = imagen.backend().unroll_micro_batches
 
-    def loss_fn(params, mb, step_key):
-        # the one sharding hint: use the weights whole (XLA all-gathers a sharded state here and
-        # reduce-scatters its gradients); without it XLA's propagation splits the activations along
-        # the weights' axes instead, replicating the work (10x the FLOPs per device, measured)
-        if mesh is not None and mesh.shape["fsdp"] > 1:
-            params = jax.lax.with_sharding_constraint(params, NamedSharding(mesh, P()))
-        model = nnx.merge(graphdef, params)
+    def loss_fn(params, mb, step_key, text_weights):
+        model = nnx.merge(graphdef, sharding.gathered(params, mesh))  # the one sharding hint
+        if text_graphdef is None:
+            text_emb = mb["text_emb"]
+        else:  # §2.1: frozen, so no gradient flows into it
+            encoder = nnx.merge(text_graphdef, sharding.gathered(text_weights, mesh))
+            text_emb = jax.lax.stop_gradient(t5_encoder.embed(encoder, mb["tokens"], mb["text_mask"]))
         lowres_BHWC = mb["lowres"] if stage.lowres_side else None  # at its low side: corrupted, then resized
         keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(mb["row"])  # per example
-        return diffusion.diffusion_loss(model, mb["image"], mb["text_emb"], mb["text_mask"], keys,
+        return diffusion.diffusion_loss(model, mb["image"], text_emb, mb["text_mask"], keys,
                                         log_snr_fn, tcfg.p_uncond, lowres_BHWC, tcfg.max_aug_level,
                                         stage.prediction)
 
-    def train_step(state, batch):
+    def train_step(state, batch, text_weights=None):
         step_key = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
         # (B, ...) -> (K, B/K, ...): micro-batch k holds rows k, k + K, ... so every device keeps
         # its own rows (no communication) and every micro-batch spans all devices
@@ -181,7 +143,7 @@ def make_train_step(graphdef, stage, tcfg, grad_accum: int, seed: int, mesh=None
                              .swapaxes(0, 1), batch)
 
         def accumulate(carry, mb):
-            loss, grads = jax.value_and_grad(loss_fn)(state["params"], mb, step_key)
+            loss, grads = jax.value_and_grad(loss_fn)(state["params"], mb, step_key, text_weights)
             return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
         carry = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
@@ -204,10 +166,11 @@ def make_train_step(graphdef, stage, tcfg, grad_accum: int, seed: int, mesh=None
     return train_step
 
 
-def batch_shapes(stage, batch, text_len):
-    """ShapeDtypeStructs of one global batch."""
+def batch_shapes(stage, batch, text_len, tokens=False):
+    """ShapeDtypeStructs of one global batch: with text embeddings, or with token ids."""
     s, f32 = stage.train_side, jnp.float32
-    shapes = {"image": ((batch, s, s, 3), f32), "text_emb": ((batch, text_len, stage.unet.text_dim), f32),
+    text = ((batch, text_len), jnp.int32) if tokens else ((batch, text_len, stage.unet.text_dim), f32)
+    shapes = {"image": ((batch, s, s, 3), f32), "tokens" if tokens else "text_emb": text,
               "text_mask": ((batch, text_len), jnp.bool_), "row": ((batch,), jnp.int32)}
     if stage.lowres_side:
         low = stage.train_lowres_side
@@ -215,20 +178,32 @@ def batch_shapes(stage, batch, text_len):
     return {k: jax.ShapeDtypeStruct(*v) for k, v in shapes.items()}
 
 
-def compile_step(stage, tcfg, mesh, grad_accum, seed):
-    """The jitted step: state sharded by state_shardings, batch split over every device, state
-    donated. Cached, so that a second train() of the same configuration (a resume, or more
-    steps) reuses it."""
-    return _compile_step(stage, dataclasses.replace(tcfg, steps=0), mesh, grad_accum, seed)  # steps: not in it
+def text_spec(encoder):
+    """A frozen encoder (module or abstract) -> (graphdef, its weights' ShapeDtypeStructs as a
+    hashable tuple), what compile_step needs to compile the step with it inside."""
+    graphdef, weights = nnx.split(encoder)
+    leaves, treedef = jax.tree.flatten(weights)
+    return graphdef, treedef, tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves)
+
+
+def compile_step(stage, tcfg, mesh, grad_accum, seed, text=None):
+    """The jitted step: state sharded by sharding.state_shardings, batch split over every
+    device, state donated; with text = text_spec(encoder), the encoder's weights (a third
+    argument, sharded by the same rule) encode the batch's tokens inside it. Cached, so that a
+    second train() of the same configuration (a resume, or more steps) reuses it."""
+    return _compile_step(stage, dataclasses.replace(tcfg, steps=0), mesh, grad_accum, seed, text)  # steps: not in it
 
 
 @functools.lru_cache(maxsize=16)
-def _compile_step(stage, tcfg, mesh, grad_accum, seed):
+def _compile_step(stage, tcfg, mesh, grad_accum, seed, text):
     graphdef, shapes = abstract_state(stage, tcfg)
-    step = make_train_step(graphdef, stage, tcfg, grad_accum, seed, mesh)
-    state_sh = state_shardings(mesh, shapes)
-    batch_sh = {k: NamedSharding(mesh, BATCH) for k in batch_shapes(stage, tcfg.batch_size, stage.text_length)}
-    return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, NamedSharding(mesh, P())),
+    step = make_train_step(graphdef, stage, tcfg, grad_accum, seed, mesh, text and text[0])
+    state_sh = sharding.state_shardings(mesh, shapes)
+    batch_sh = {k: NamedSharding(mesh, BATCH) for k in batch_shapes(stage, 1, 1, tokens=text is not None)}
+    in_sh = (state_sh, batch_sh)
+    if text is not None:
+        in_sh += (sharding.state_shardings(mesh, text[1].unflatten(text[2])),)
+    return jax.jit(step, in_shardings=in_sh, out_shardings=(state_sh, NamedSharding(mesh, P())),
                    donate_argnums=0)
 
 
@@ -254,45 +229,48 @@ def check_config(old, meta, workdir):
                          "\nUse another --workdir, or the same settings as before (only --steps may change).")
 
 
-def open_text(stage, text_cache, source):
-    """The stage's text encoder, and the offline embedding cache of the dataset's captions (§2.1)."""
-    encoder, tokenizer = data.load_text_encoder(stage.text_encoder)
+def open_text(stage, text_cache, source, mesh):
+    """-> (tokenizer, the offline embedding cache of the dataset's captions (§2.1) or None,
+    the encoder's text_spec and weights sharded over the mesh, to run it inside the step)."""
+    encoder, tokenizer = data.load_text_encoder(stage.text_encoder, stage.unet.dtype)
     if encoder.cfg.d_model != stage.unet.text_dim:
         raise SystemExit(f"text encoder {stage.text_encoder!r} has width {encoder.cfg.d_model}, the "
                          f"{stage.name} network expects {stage.unet.text_dim}")
-    if not text_cache:
-        return encoder, tokenizer, None
-    t5_encoder.cache_embeddings(encoder, tokenizer, [source.caption(i) for i in range(len(source))],
-                                text_cache, encoder_name=stage.text_encoder)
-    return encoder, tokenizer, t5_encoder.EmbeddingCache(text_cache)
+    if text_cache:  # this host's share first (if not done), then every host reads all of it
+        build_text_cache(encoder, tokenizer, source, text_cache, encoder_name=stage.text_encoder,
+                         max_length=stage.text_length, process_index=jax.process_index(),
+                         process_count=jax.process_count(), progress=False)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("text cache built")
+        return tokenizer, TextCache(text_cache), None, None
+    weights = nnx.state(encoder)
+    return tokenizer, None, text_spec(encoder), jax.device_put(weights, sharding.state_shardings(mesh, weights))
 
 
-def global_batch(source, stage, text, batch_size, position, seed, mesh):
-    """This host's share of the next global batch, from its data `position`, as arrays sharded
-    over the mesh -> (batch, the position after it, images skipped as unreadable)."""
-    n_proc, proc = jax.process_count(), jax.process_index()
-    local_B = batch_size // n_proc
-    images, lowres, captions, indices, position, skipped = data.host_batch(
-        source, stage, local_B, position, seed, proc, n_proc)
-    encoder, tokenizer, cache = text
+def global_batch(stream, stage, text, mesh):
+    """This host's share of the next global batch from its data stream (data.host_stream), as
+    arrays sharded over the mesh -> (batch, images replaced as unreadable)."""
+    b = next(stream)
+    local_B = len(b["image"])
+    tokenizer, cache = text[:2]
     if cache is not None:
-        emb, mask = cache[indices]
-        emb, mask = emb[:, :stage.text_length], mask[:, :stage.text_length]
-    else:
-        emb, mask = t5_encoder.encode(encoder, tokenizer, captions, stage.text_length)
-    local = {"image": images, "text_emb": np.asarray(emb, np.float32), "text_mask": np.asarray(mask),
-             "row": np.arange(proc * local_B, (proc + 1) * local_B, dtype=np.int32)}
+        emb, mask = cache[b["index"]]
+        local = {"text_emb": emb[:, :stage.text_length], "text_mask": mask[:, :stage.text_length]}
+    else:  # encoded inside the step
+        local = dict(zip(("tokens", "text_mask"), t5_encoder.tokenize(tokenizer, b["caption"], stage.text_length)))
+    proc = jax.process_index()
+    local.update(image=b["image"], row=np.arange(proc * local_B, (proc + 1) * local_B, dtype=np.int32))
     if stage.lowres_side:
-        local["lowres"] = lowres
+        local["lowres"] = b["lowres"]
     split = NamedSharding(mesh, BATCH)
-    return {k: jax.make_array_from_process_local_data(split, v) for k, v in local.items()}, position, skipped
+    return {k: jax.make_array_from_process_local_data(split, v) for k, v in local.items()}, int(b["skipped"].sum())
 
 
 def restore_or_init(mngr, stage, tcfg, meta, seed, mesh, workdir):
     """The latest checkpoint's state (resharded onto this mesh, whatever mesh saved it) and this
     host's data position, or a new state at 0."""
     shapes = abstract_state(stage, tcfg)[1]
-    shardings = state_shardings(mesh, shapes)
+    shardings = sharding.state_shardings(mesh, shapes)
     if mngr.latest_step() is None:
         return jax.device_put(init_state(stage, tcfg, seed)[1], shardings), 0
     old = imagen.read_meta(mngr)
@@ -354,18 +332,20 @@ class StopSignals:
 
 
 def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_cache=None,
-          grad_accum=1, seed=0, log_every=10, save_every=1000, progress=True, mesh=None):
+          grad_accum=1, seed=0, log_every=10, save_every=1000, progress=True, mesh=None,
+          data_workers=0, index_dir=None):
     """Train `stage` up to tcfg.steps updates in total (resuming from workdir); -> the state.
-    mesh: a make_mesh() mesh (default: every device on 'data')."""
+    mesh: a sharding.make_mesh() mesh (default: every device on 'data'); data_workers: decode
+    processes (0: threads of this one); index_dir: where .tar shards keep their index."""
     stage = dataclasses.replace(stage, text_encoder=text_encoder or stage.text_encoder)
     B = tcfg.batch_size
-    mesh = mesh or make_mesh()
+    mesh = mesh or sharding.make_mesh()
     if B % (grad_accum * mesh.size) or B % jax.process_count():
         raise SystemExit(f"--batch-size {B} must divide by --grad-accum x devices = {grad_accum} x {mesh.size}")
     os.makedirs(workdir, exist_ok=True)
     # set-up: the data, the text encoder
-    source = data.open_source(data_spec, seed)
-    text = open_text(stage, text_cache, source)
+    source = data.open_source(data_spec, seed, index_dir)
+    text = open_text(stage, text_cache, source, mesh)
     # restore or init, then compile the step
     mngr = imagen.checkpoint_manager(workdir)
     meta = {"stage": imagen.config_dict(stage), "train": dataclasses.asdict(tcfg), "seed": seed,
@@ -375,16 +355,20 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
     if start >= tcfg.steps:
         print(f"{workdir} is trained to step {start}; nothing to do for --steps {tcfg.steps}")
         return state
-    step_fn = compile_step(stage, tcfg, mesh, grad_accum, seed)
+    step_fn = compile_step(stage, tcfg, mesh, grad_accum, seed, text[2])
+    text_args = () if text[3] is None else (text[3],)
     _, lr_fn = make_optimizer(tcfg)
+    local_B = B // jax.process_count()
+    stream = data.host_stream(source, stage, local_B, position, seed, jax.process_index(), jax.process_count(),
+                              data_workers)
     pending, skipped, t_log = [], 0, time.time()
     bar = tqdm(total=tcfg.steps, initial=start, desc=f"train {stage.name}", unit="step", disable=not progress)
-    with StopSignals() as stop, bar:
+    with StopSignals() as stop, bar, contextlib.closing(stream):
         for step in range(start + 1, tcfg.steps + 1):
             # one update on the next batch; the position moves on only once the step is done
-            batch, next_position, bad = global_batch(source, stage, text, B, position, seed, mesh)
-            state, loss = step_fn(state, batch)
-            position, skipped = next_position, skipped + bad
+            batch, bad = global_batch(stream, stage, text, mesh)
+            state, loss = step_fn(state, batch, *text_args)
+            position, skipped = position + local_B, skipped + bad
             pending.append(loss)
             bar.update(1)
             stopping = stop.agreed(at_log_step=step % log_every == 0)
@@ -407,7 +391,7 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
                 raise SystemExit(f"{stop.requested or 'a signal to another host'}: stopped after step {step}; "
                                  f"checkpoint saved in {workdir}. Run the same command again to resume.")
     if skipped:
-        print(f"{skipped} unreadable images were skipped")
+        print(f"{skipped} unreadable images were replaced by the next readable ones")
     return state
 
 
@@ -418,20 +402,21 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
 TPU_V4_BF16 = 275e12  # FLOP/s per chip, bf16 (§4.1 trains on TPU-v4)
 
 
-def state_bytes_per_device(mesh, state) -> int:
-    """Bytes of the train state one device holds under state_shardings."""
-    F = mesh.shape["fsdp"]
-    parts = lambda x: F if "fsdp" in fsdp_spec(x.shape, F) else 1
-    return sum(x.size * x.dtype.itemsize // parts(x) for x in jax.tree.leaves(state))
-
-
-def dry_run(stage, tcfg, grad_accum, seed, mesh=None, mfu=0.5):
-    mesh = mesh or make_mesh()
+def dry_run(stage, tcfg, grad_accum, seed, mesh=None, mfu=0.5, text_cache=True):
+    """Compile the step train() would run (text_cache=False: the encoder stage.text_encoder
+    inside it) on abstract shapes; print and return its costs."""
+    mesh = mesh or sharding.make_mesh()
     n = mesh.size
     _, state = abstract_state(stage, tcfg)
     t = time.time()
-    step = compile_step(stage, tcfg, mesh, grad_accum, seed)
-    compiled = step.lower(state, batch_shapes(stage, tcfg.batch_size, stage.text_length)).compile()
+    args = [state, batch_shapes(stage, tcfg.batch_size, stage.text_length, tokens=not text_cache)]
+    text, text_row = None, "offline embedding cache (the batch holds the embeddings)"
+    if not text_cache:
+        text = text_spec(t5_encoder.abstract_encoder(stage.text_encoder, stage.unet.dtype))
+        args.append(text[1].unflatten(text[2]))
+        text_row = (f"{stage.text_encoder} inside the step, {sum(x.size for x in text[2]) / 1e9:.3f}B, "
+                    f"{sharding.bytes_per_device(mesh, args[2]) / 2**30:.2f} GiB per device")
+    compiled = compile_step(stage, tcfg, mesh, grad_accum, seed, text).lower(*args).compile()
     flops_dev = float(compiled.cost_analysis()["flops"])  # of one device's partition
     mem = compiled.memory_analysis()
     params = sum(x.size for x in jax.tree.leaves(state["params"]))
@@ -447,8 +432,9 @@ def dry_run(stage, tcfg, grad_accum, seed, mesh=None, mfu=0.5):
             ("FLOPs per image", f"{flops_dev * n / tcfg.batch_size:.3e}"),
             ("bytes per device", f"{dev_bytes / 2**30:.2f} GiB (arguments {mem.argument_size_in_bytes / 2**30:.2f}, "
                                  f"temporaries {mem.temp_size_in_bytes / 2**30:.2f})"),
-            ("train state per device", f"{state_bytes_per_device(mesh, state) / 2**30:.2f} GiB (parameters, "
+            ("train state per device", f"{sharding.bytes_per_device(mesh, state) / 2**30:.2f} GiB (parameters, "
                                        f"EMA, optimizer state)"),
+            ("text encoder", text_row),
             (f"step time at {mfu:.0%} of TPU-v4", f"{flops_dev / (TPU_V4_BF16 * mfu):.3f} s "
                                                   f"({TPU_V4_BF16 / 1e12:.0f} TFLOP/s bf16 per chip)"),
             ("2.5M steps at that rate", f"{flops_dev / (TPU_V4_BF16 * mfu) * 2.5e6 / 86400:.1f} days"),
@@ -468,8 +454,11 @@ def parse_args(argv):
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default="shapes", help="'shapes', a folder of images + .txt, or .tar shards")
+    p.add_argument("--data-workers", type=int, default=0, help="image decode processes (0: threads)")
+    p.add_argument("--index-dir", default=None, help=".tar shards: where their index is kept (default: beside them)")
     p.add_argument("--text-encoder", default=None, help="'demo-t5' or a T5 v1.1 checkpoint directory")
-    p.add_argument("--text-cache", default=None, help="directory of the offline T5 embedding cache")
+    p.add_argument("--text-cache", default=None,
+                   help="directory of the offline T5 embedding cache (default: encode inside the step)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=1000)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
@@ -501,13 +490,14 @@ def main(argv=None):
     tcfg = TRAIN_PRESETS[args.preset][args.stage]
     tcfg = dataclasses.replace(tcfg, **{k: v for k, v in (("batch_size", args.batch_size), ("steps", args.steps))
                                         if v is not None})
-    mesh = make_mesh(**parse_mesh(args.mesh))
+    mesh = sharding.make_mesh(**sharding.parse_mesh(args.mesh))
     if args.dry_run:
-        return dry_run(stage, tcfg, args.grad_accum, args.seed, mesh)
+        stage = dataclasses.replace(stage, text_encoder=args.text_encoder or stage.text_encoder)
+        return dry_run(stage, tcfg, args.grad_accum, args.seed, mesh, text_cache=bool(args.text_cache))
     workdir = args.workdir or os.path.join("runs", args.preset, args.stage)  # sample.py reads runs/<preset>
     train(stage, tcfg, workdir, data_spec=args.data, text_encoder=args.text_encoder, text_cache=args.text_cache,
           grad_accum=args.grad_accum, seed=args.seed, log_every=args.log_every, save_every=args.save_every,
-          mesh=mesh)
+          mesh=mesh, data_workers=args.data_workers, index_dir=args.index_dir)
 
 
 if __name__ == "__main__":

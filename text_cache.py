@@ -1,0 +1,120 @@
+"""The offline text-embedding cache: §2.1, the frozen encoder's embeddings "can be computed
+offline", once per caption, where training reads each of its 860M pairs about 6 times (2.5M
+steps x 2048 examples, §4.1).
+
+Built by every host in parallel, each its own share, resumable; read by example index.
+"""
+
+import json
+import os
+
+import numpy as np
+from tqdm import tqdm
+
+import t5_encoder
+
+# Layout: host h of P encodes examples [n h / P, n (h + 1) / P) into three files of its own,
+#   emb_HHH.bin   its captions' tokens, float16 (T_h, D), each caption unpadded, appended
+#   rows_HHH.npy  (n_h, 2) int64: [first token, length] per example (a memmap)
+#   done_HHH.json how many of its examples are committed (after their tokens and rows)
+# and meta.json. A few large files per host, not one per batch: 860M captions are 3 x P files,
+# and reading example i is two memmap lookups (bounded memory, 2 P open files). .npy / raw
+# blocks, not ArrayRecord or zarr: the rows are fixed-width, the tokens one flat array, so
+# numpy's memmap reads them with no further dependency. Trimmed to each caption's own length:
+# D x 2 bytes per token (T5-XXL: 8 KiB; 1 MiB per caption at 128 tokens).
+
+def _host_range(n, h, P):
+    return n * h // P, n * (h + 1) // P
+
+
+def build_text_cache(encoder, tokenizer, source, out_dir, *, encoder_name, max_length=t5_encoder.MAX_LENGTH,
+                     process_index=0, process_count=1, chunk=64, progress=True):
+    """Encode this host's share of the source's captions into out_dir (see above); resumable:
+    a re-run continues after the last committed chunk. A directory made for another dataset,
+    encoder or length, or half built by another number of hosts, is refused. Reads only this
+    host's captions."""
+    if source.kind == "shapes":
+        raise SystemExit("--text-cache: the shapes dataset is unbounded; encode in the step instead")
+    h, P, n = process_index, process_count, len(source)
+    meta = {"n": n, "hosts": P, "max_length": max_length, "dim": encoder.cfg.d_model, "encoder": encoder_name,
+            "source": source.fingerprint()}
+    os.makedirs(out_dir, exist_ok=True)
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):
+        old = json.load(open(meta_path))
+        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+        if set(diff) <= {"hosts"} and TextCache.complete(out_dir):  # finished, by any number of hosts
+            return out_dir
+        if diff:
+            raise SystemExit(f"{out_dir} holds a text cache made with other settings (then, now): {diff}. "
+                             f"Use another --text-cache directory, or delete it.")
+    else:
+        with open(meta_path + f".tmp{h}", "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(meta_path + f".tmp{h}", meta_path)
+    lo, hi = _host_range(n, h, P)
+    paths = [os.path.join(out_dir, f"{name}_{h:03d}.{ext}") for name, ext in (("emb", "bin"), ("rows", "npy"), ("done", "json"))]
+    emb_path, rows_path, done_path = paths
+    done = json.load(open(done_path))["done"] if os.path.exists(done_path) else 0
+    rows = (np.lib.format.open_memmap(rows_path, "r+") if done else
+            np.lib.format.open_memmap(rows_path, "w+", np.int64, (hi - lo, 2)))
+    tokens = int(rows[done - 1].sum()) if done else 0
+    D, itemsize = encoder.cfg.d_model, np.dtype(np.float16).itemsize
+    with open(emb_path, "r+b" if done else "wb") as f:
+        f.truncate(tokens * D * itemsize)  # drop what an interrupted chunk wrote after the last commit
+        f.seek(0, os.SEEK_END)
+        bar = tqdm(total=hi - lo, initial=done, desc=f"T5 embeddings (host {h})", unit="caption", disable=not progress)
+        for start in range(lo + done, hi, chunk):
+            idx = range(start, min(start + chunk, hi))
+            emb, mask = t5_encoder.encode(encoder, tokenizer, [source.caption(i) for i in idx], max_length)
+            emb, lengths = np.asarray(emb, np.float16), mask.sum(1)
+            for e, L in zip(emb, lengths):
+                f.write(e[:L].tobytes())
+            rows[start - lo:start - lo + len(idx)] = np.stack([tokens + np.cumsum(lengths) - lengths, lengths], 1)
+            tokens += int(lengths.sum())
+            f.flush(), os.fsync(f.fileno()), rows.flush()
+            with open(done_path + ".tmp", "w") as d:
+                json.dump({"done": start - lo + len(idx)}, d)
+            os.replace(done_path + ".tmp", done_path)
+            bar.update(len(idx))
+        bar.close()
+    return out_dir
+
+
+class TextCache:
+    """Reads what build_text_cache wrote, by example index: cache[indices] -> (emb (n, L, D)
+    float32 zero-padded, mask (n, L) bool), L = its max_length."""
+
+    def __init__(self, out_dir):
+        if not self.complete(out_dir):
+            raise SystemExit(f"{out_dir} is not a complete text cache: run the same training command (or "
+                             f"data.build_text_cache) on every host to finish it.")
+        self.meta = json.load(open(os.path.join(out_dir, "meta.json")))
+        n, P, D = self.meta["n"], self.meta["hosts"], self.meta["dim"]
+        self.bounds = np.array([_host_range(n, h, P)[0] for h in range(P + 1)])
+        self.rows = [np.load(os.path.join(out_dir, f"rows_{h:03d}.npy"), mmap_mode="r") for h in range(P)]
+        self.emb = [np.memmap(os.path.join(out_dir, f"emb_{h:03d}.bin"), np.float16, "r").reshape(-1, D)
+                    if os.path.getsize(os.path.join(out_dir, f"emb_{h:03d}.bin")) else np.zeros((0, D), np.float16)
+                    for h in range(P)]
+
+    @staticmethod
+    def complete(out_dir):
+        try:
+            meta = json.load(open(os.path.join(out_dir, "meta.json")))
+            return all(json.load(open(os.path.join(out_dir, f"done_{h:03d}.json")))["done"] ==
+                       np.subtract(*_host_range(meta["n"], h, meta["hosts"])[::-1]) for h in range(meta["hosts"]))
+        except (OSError, ValueError, KeyError):
+            return False
+
+    def __len__(self):
+        return self.meta["n"]
+
+    def __getitem__(self, indices):
+        indices = np.atleast_1d(indices)
+        emb = np.zeros((len(indices), self.meta["max_length"], self.meta["dim"]), np.float32)
+        mask = np.zeros(emb.shape[:2], bool)
+        for j, i in enumerate(indices):
+            h = int(np.searchsorted(self.bounds, i, "right")) - 1
+            first, L = self.rows[h][i - self.bounds[h]]
+            emb[j, :L], mask[j, :L] = self.emb[h][first:first + L], True
+        return emb, mask
