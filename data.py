@@ -326,17 +326,19 @@ def _stack(examples):
 
 
 def host_stream(source, stage, batch: int, position: int, seed: int, process_index: int = 0,
-                process_count: int = 1, workers: int = 0):
+                process_count: int = 1, workers: int = 0, prefetch: bool = True):
     """An iterator of this host's batches from its `position` (examples read so far): dicts of
     image (B, s, s, 3), lowres, caption (a list), index, skipped (counts per example); each
-    batch moves the position on by `batch`. workers > 0: decoding in that many processes."""
+    batch moves the position on by `batch`. workers > 0: decoding in that many processes;
+    else in 2 threads of this one (prefetch=False: none, for a single batch)."""
     order = grain.MapDataset.range(len(source))
     if source.kind != "shapes":
         order = order.shuffle(seed)
     order = order.repeat()  # each epoch shuffled anew
     ds = grain.MapDataset.range(position, sys.maxsize).map(
         _Example(source, order, stage, batch, process_index, process_count, seed))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if workers else 2, prefetch_buffer_size=2 * batch))
+    threads = 1 if workers else 2 if prefetch else 0
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * batch if threads else 0))
     if workers:
         if not flags.FLAGS.is_parsed():  # Grain's worker start reads an absl flag: outside absl.app, defaults
             flags.FLAGS.mark_as_parsed()
@@ -347,7 +349,7 @@ def host_stream(source, stage, batch: int, position: int, seed: int, process_ind
 def host_batch(source, stage, batch, position, seed, process_index=0, process_count=1):
     """One batch of host_stream -> (images, lowres or None, captions, example indices, the
     position after it, images replaced as unreadable)."""
-    b = next(host_stream(source, stage, batch, position, seed, process_index, process_count))
+    b = next(host_stream(source, stage, batch, position, seed, process_index, process_count, prefetch=False))
     return b["image"], b.get("lowres"), b["caption"], b["index"], position + batch, int(b["skipped"].sum())
 
 

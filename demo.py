@@ -24,12 +24,13 @@ import os
 import time
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import data
 import imagen
 import shapes
 import train
+from evaluate import plot_curve
 from sample import grid
 
 EVAL_SEED = 1000  # new seeds: the evaluation never shares an image with training
@@ -95,33 +96,6 @@ def purity(images):
     return float((np.sqrt(((x - refs) ** 2).sum(-1)).min(-1) < 60).mean())
 
 
-def plot(points, path, xlabel="fidelity proxy (palette purity)", ylabel="alignment (mean accuracy)"):
-    """A small scatter plot with PIL: points = [(x, y, label)]."""
-    W, H, m = 480, 360, 50
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs) - 0.02, max(xs) + 0.02
-    y0, y1 = min(ys) - 0.05, max(ys) + 0.05
-    to = lambda x, y: (m + (x - x0) / (x1 - x0) * (W - 2 * m), H - m - (y - y0) / (y1 - y0) * (H - 2 * m))
-    d.line([(m, H - m), (W - m, H - m)], fill="black")
-    d.line([(m, m), (m, H - m)], fill="black")
-    d.text((W // 2 - 80, H - 30), xlabel, fill="black")
-    d.text((5, 10), ylabel, fill="black")
-    for v, pos in ((x0, "x"), (x1, "x"), (y0, "y"), (y1, "y")):
-        px, py = to(v, y0) if pos == "x" else to(x0, v)
-        d.text((px - 10, py + 5) if pos == "x" else (5, py - 5), f"{v:.2f}", fill="gray")
-    prev = None
-    for x, y, label in points:
-        p = to(x, y)
-        if prev:
-            d.line([prev, p], fill=(40, 80, 220))
-        d.ellipse([p[0] - 4, p[1] - 4, p[0] + 4, p[1] + 4], fill=(220, 40, 40))
-        d.text((p[0] + 6, p[1] - 12), label, fill="black")
-        prev = p
-    img.save(path)
-
-
 def evaluate(workdir, sampling, n_eval=64, n_sweep=32, batch_size=32, seed=0):
     """Sample the trained cascade (sampling: SampleSettings by stage name); -> the numbers."""
     batch_size = min(batch_size, n_eval)
@@ -153,7 +127,9 @@ def evaluate(workdir, sampling, n_eval=64, n_sweep=32, batch_size=32, seed=0):
         acc = alignment(imgs, captions[:n_sweep])
         mean_acc = float(np.nanmean([v for v, _ in acc.values()]))
         sweep.append({"w": w, "alignment": mean_acc, "purity": purity(imgs), **{k: v for k, (v, _) in acc.items()}})
-    plot([(s["purity"], s["alignment"], f"w={s['w']:g}") for s in sweep], os.path.join(workdir, "guidance_sweep.png"))
+    plot_curve([(s["purity"], s["alignment"], f"w={s['w']:g}") for s in sweep],
+               os.path.join(workdir, "guidance_sweep.png"), "fidelity proxy (palette purity)",
+               "alignment (mean accuracy)")
     result["sweep"] = sweep
 
     # thresholding at a high guidance weight, Fig. A.10

@@ -37,6 +37,7 @@ import bench  # noqa: E402
 import data  # noqa: E402
 import demo  # noqa: E402
 import diffusion as D  # noqa: E402
+import evaluate  # noqa: E402
 import efficient_unet as E  # noqa: E402
 import imagen  # noqa: E402
 import sample  # noqa: E402
@@ -742,7 +743,7 @@ def test_meshes_and_micro_batches_equal_one_device_one_batch(monkeypatch):
     stage, tcfg = TINY_STAGES["sr1"], dataclasses.replace(TINY_TRAIN, batch_size=16)
     batches = {False: _batch(stage, B=16), True: _batch(stage, B=16, tokens=True)}
     results = {}
-    for devices, accum, fsdp, in_step in ((1, 1, 1, False), (8, 1, 4, False), (8, 2, 8, False), (8, 2, 8, True)):
+    for devices, accum, fsdp, in_step in ((1, 1, 1, False), (8, 1, 4, False), (8, 2, 8, True)):
         step, state, weights = _step_fn(stage, devices, accum, tcfg, fsdp, in_step)
         b = batches[in_step]
         if in_step:  # the encoder's weights are split by the same rule
@@ -764,14 +765,16 @@ def test_meshes_and_micro_batches_equal_one_device_one_batch(monkeypatch):
         # Adam divides by sqrt(v): a parameter whose gradient is ~1e-9 (float32 summation-order
         # noise) still moves by ~lr, so parameters agree to a fraction of one step (lr = 1e-3)
         jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5), params, ref_params)
-    # and the compiled step's arguments per device: the batch's 1/8 and about 1/8 of the state,
-    # where a replicated state would add all of it
+    # and the compiled step's arguments per device: the batch's 1/8 and about 1/8 of the state
+    # and of the encoder, where replicated ones would add all of them
     _, shapes = train.abstract_state(stage, tcfg)
-    batch = train.batch_shapes(stage, 16, stage.text_length)
-    arg_bytes = train.compile_step(stage, tcfg, sharding.make_mesh(fsdp=8), 2, 0).lower(
-        shapes, batch).compile().memory_analysis().argument_size_in_bytes
+    batch = train.batch_shapes(stage, 16, stage.text_length, tokens=True)
+    spec = train.text_spec(data.load_text_encoder("demo-t5")[0])
+    arg_bytes = train.compile_step(stage, tcfg, sharding.make_mesh(fsdp=8), 2, 0, spec).lower(
+        shapes, batch, spec[1].unflatten(spec[2])).compile().memory_analysis().argument_size_in_bytes
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-    assert arg_bytes < nbytes(batch) / 8 + 0.2 * nbytes(shapes), (arg_bytes, nbytes(batch), nbytes(shapes))
+    state_and_text = nbytes(shapes) + nbytes(spec[2])
+    assert arg_bytes < nbytes(batch) / 8 + 0.2 * state_and_text, (arg_bytes, nbytes(batch), state_and_text)
 
 
 def _train(tmp, steps, stage="base", **kw):
@@ -927,29 +930,28 @@ def test_unreadable_examples_are_replaced_and_counted(tmp_path, shard_dir):
     assert b[5] == 1 and 2 not in b[3] and b[2][0] == data.open_source(str(folder)).caption(int(b[3][0]))
 
 
-def test_resume_on_tar_data_with_other_workers_equals_uninterrupted(tmp_path, shard_dir):
+def test_resume_on_tar_data_with_the_text_cache_equals_uninterrupted(tmp_path, shard_dir):
     # and with the offline text cache (built by the first run, read by the others)
+    # (decode workers give the same batches: test_tar_shards_one_epoch_across_hosts_and_workers)
     kw = dict(data_spec=shard_dir, text_cache=str(tmp_path / "cache"))
     _train(tmp_path / "a", 4, **kw)
     assert text_cache.TextCache.complete(kw["text_cache"])
     _train(tmp_path / "b", 2, **kw)
-    _train(tmp_path / "b", 4, data_workers=2, **kw)
+    _train(tmp_path / "b", 4, **kw)
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert [s for s, _ in b] == [1, 2, 3, 4]
     np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=1e-6)
 
 
 def test_dry_run_on_8_devices(capsys):
-    rows = train.dry_run(TINY_STAGES["base"], dataclasses.replace(TINY_TRAIN, batch_size=16), 2, 0)
+    # the step train.py runs without --text-cache: the frozen encoder inside it
+    rows = train.dry_run(TINY_STAGES["base"], dataclasses.replace(TINY_TRAIN, batch_size=16), 2, 0, text_cache=False)
     out = capsys.readouterr().out
     assert "global batch" in out and "16 = 8 devices x 1 x 2 micro-batches" in out
     assert "FLOPs per step" in out and "bytes per device" in out and "train state per device" in out
-    assert float(rows["FLOPs per step"].split()[0]) > 0 and rows["text encoder"].startswith("offline")
-    # the frozen encoder inside the step: more FLOPs per image, its share of weights per device
-    in_step = train.dry_run(TINY_STAGES["base"], dataclasses.replace(TINY_TRAIN, batch_size=16), 2, 0,
-                            text_cache=False)
-    assert in_step["text encoder"].startswith("demo-t5 inside the step")
-    assert float(in_step["FLOPs per image"]) > float(rows["FLOPs per image"])
+    assert float(rows["FLOPs per step"].split()[0]) > 0
+    n_text = sum(x.size for x in jax.tree.leaves(nnx.state(T5.abstract_encoder("demo-t5"))))
+    assert rows["text encoder"].startswith(f"demo-t5 inside the step, {n_text / 1e9:.3f}B")
     assert sharding.parse_mesh("data=2,fsdp=-1") == {"data": 2, "fsdp": -1}
     assert dict(sharding.make_mesh(**sharding.parse_mesh("data=2,fsdp=-1")).shape) == {"data": 2, "fsdp": 4}
     for bad in ("data=3,fsdp=2", "fsdp=8,model=1", "data"):
@@ -1106,6 +1108,104 @@ def test_sample_cli_bad_inputs(tiny_cascade, tmp_path):
     assert r.returncode != 0 and "python train.py --stage base" in r.stderr and "Traceback" not in r.stderr
     r = _cli(["--workdir", tiny_cascade, "--stages", "1", "--steps", "1", "--out", str(tmp_path / "o"), "x" * 300], tmp_path)
     assert r.returncode == 0 and "longer than 64 tokens" in r.stderr  # cut with a warning
+
+
+# =============================================================================================
+# Evaluation (evaluate.py: §3, Table 1, Figs. A.8-A.13)
+#
+# A random Inception of torch-fidelity's architecture and a tiny random CLIP, saved as the real
+# files are: FID is ~0 on a folder against itself, equals torch-fidelity's own result, the CLIP
+# score equals transformers' own; the whole path on a tiny cascade, resumed; missing files.
+# =============================================================================================
+
+@pytest.fixture(scope="session")
+def eval_models(tmp_path_factory):
+    from unittest import mock
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    root = tmp_path_factory.mktemp("eval_models")
+    torch.manual_seed(0)
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"), mock.patch.object(torch, "load", return_value={}):
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="-")
+    torch.save(net.state_dict(), root / "inception.pth")
+    chars = list(bytes_to_unicode().values())  # a byte-level BPE vocabulary with no merges
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1} | {t: i + 2 for i, t in enumerate(chars + [c + "</w>" for c in chars])}
+    tok = transformers.CLIPTokenizer(vocab=vocab, merges=[])
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4), projection_dim=16)
+    processor = transformers.CLIPProcessor(
+        image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tok)
+    transformers.CLIPModel(cfg).save_pretrained(root / "clip")
+    processor.save_pretrained(root / "clip")
+    return str(root / "inception.pth"), str(root / "clip")
+
+
+def _folder(path, images):
+    path.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(path / f"{i:03d}.png")
+    return sorted(str(p) for p in path.glob("*.png"))
+
+
+def test_fid_and_clip_score_are_the_libraries(eval_models, tmp_path):
+    import torch_fidelity
+    inception_path, clip_dir = eval_models
+    images = np.stack([np.asarray(shapes.make_example(3, i, 32)[0]) for i in range(12)])
+    shifted = np.clip(images.astype(int) - 60, 0, 255).astype(np.uint8)
+    a, b = _folder(tmp_path / "a", images), _folder(tmp_path / "b", shifted)
+    ext = evaluate.load_inception(inception_path)
+    stats = {k: evaluate.fid_statistics(evaluate.inception_features(ext, evaluate.read_images(p, 32)))
+             for k, p in (("a", a), ("b", b))}
+    self_fid, ab = evaluate.fid(stats["a"], stats["a"]), evaluate.fid(stats["a"], stats["b"])
+    assert abs(self_fid) < 1e-6 * ab and ab > 0
+    ref = torch_fidelity.calculate_metrics(input1=str(tmp_path / "a"), input2=str(tmp_path / "b"), fid=True, cuda=False,
+                                           cache=False, verbose=False, feature_extractor_weights_path=inception_path)
+    np.testing.assert_allclose(ab, ref["frechet_inception_distance"], rtol=1e-4)
+    # CLIP score: 100 x max(cos, 0) of transformers' own projected, normalised embeddings
+    clip = evaluate.load_clip(clip_dir)
+    captions = [shapes.make_example(3, i, 32)[1] for i in range(12)]
+    ours = evaluate.clip_scores(clip, images, captions, batch=5)
+    with torch.no_grad():
+        out = clip[0](**clip[1](text=captions, images=list(images), return_tensors="pt", padding=True))
+    want = 100 * np.maximum((out.image_embeds * out.text_embeds).sum(-1).numpy(), 0)
+    np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4)
+
+
+def test_evaluate_a_cascade_resumes_and_names_missing_files(eval_models, tiny_cascade, tmp_path, monkeypatch):
+    inception_path, clip_dir = eval_models
+    coco = tmp_path / "coco"
+    _folder(coco / "val2014", [np.asarray(shapes.make_example(4, i, 40)[0]) for i in range(10)])
+    for p in (coco / "val2014").glob("*.png"):  # COCO ships JPEGs
+        Image.open(p).save(p.with_suffix(".jpg"), quality=95)
+        p.unlink()
+    (coco / "annotations").mkdir()
+    anns = [{"id": i, "image_id": i, "caption": shapes.make_example(5, i)[1]} for i in range(20)]
+    (coco / "annotations" / "captions_val2014.json").write_text(json.dumps({"annotations": anns}))
+    few_steps = {k: dataclasses.replace(v, steps=3) for k, v in imagen.SAMPLING["coco-fid"].items()}
+    monkeypatch.setitem(imagen.SAMPLING, "coco-fid", few_steps)  # Table 1's settings, 3 steps per stage
+    argv = ["--workdir", tiny_cascade, "--coco", str(coco), "--num", "8", "--guidance", "1,3", "--stages", "2",
+            "--inception", inception_path, "--clip", clip_dir, "--out", str(tmp_path / "eval")]
+    record = evaluate.main(argv)
+    assert [r["guidance"] for r in record["rows"]] == [1.0, 3.0] and record["side"] == 32
+    assert all(r["fid"] > 0 and 0 <= r["clip_score"] <= 100 and r["num"] == 8 for r in record["rows"])
+    assert (tmp_path / "eval" / "pareto.png").exists() and (tmp_path / "eval" / "report.md").exists()
+    assert len(list((tmp_path / "eval" / "base_w3").glob("*.png"))) == 8
+    # resumed: only the images that are missing are sampled again
+    os.remove(tmp_path / "eval" / "base_w3" / "00007.png")
+    calls, real = [], imagen.generate
+    monkeypatch.setattr(imagen, "generate", lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
+    again = evaluate.main(argv)
+    assert calls == [8]  # one batch of 8 (the batch holding the missing image)
+    assert [(r["fid"], r["clip_score"]) for r in again["rows"]] == [(r["fid"], r["clip_score"]) for r in record["rows"]]
+    with pytest.raises(SystemExit, match="(?s)nowhere.pth is missing: the Inception-v3 weights.*curl -L -o"):
+        evaluate.main(argv[:-6] + ["--inception", str(tmp_path / "nowhere.pth"), "--out", str(tmp_path / "e2")])
+    with pytest.raises(SystemExit, match="captions_val2014.json is missing"):
+        evaluate.main(["--workdir", tiny_cascade, "--coco", str(tmp_path), "--inception", inception_path])
 
 
 # =============================================================================================
