@@ -999,6 +999,10 @@ def test_two_processes_train_like_one(tmp_path):
 # input with a message.
 # =============================================================================================
 
+# tests of the one tiny cascade run in one pytest-xdist worker, which builds it once
+CASCADE = pytest.mark.xdist_group("cascade")
+
+
 @pytest.fixture(scope="session")
 def tiny_cascade(tmp_path_factory):
     """Three tiny stages trained for one step each by train.py: 16 -> 32 -> 64."""
@@ -1012,6 +1016,7 @@ def tiny_cascade(tmp_path_factory):
 FAST = imagen.SampleSettings(guidance=3.0, steps=3, sampler="ddim", threshold="dynamic", aug_level=0.3)
 
 
+@CASCADE
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_generate_shapes_and_determinism(tiny_cascade, n):
     stages = imagen.load_cascade(tiny_cascade, n)
@@ -1025,6 +1030,7 @@ def test_generate_shapes_and_determinism(tiny_cascade, n):
     assert not np.array_equal(a, c)
 
 
+@CASCADE
 def test_w1_is_one_network_pass_per_step(tiny_cascade, monkeypatch):
     stages = imagen.load_cascade(tiny_cascade, 1)
     enc, tok = data.load_text_encoder("demo-t5")
@@ -1038,6 +1044,7 @@ def test_w1_is_one_network_pass_per_step(tiny_cascade, monkeypatch):
         assert seen == [2 if w == 1.0 else 4]  # traced once: B examples, or [cond; uncond]
 
 
+@CASCADE
 def test_text_width_mismatch_is_a_clear_error(tiny_cascade, tiny_t5_dir):
     stages = imagen.load_cascade(tiny_cascade, 1)
     enc, tok = T5.load_t5(tiny_t5_dir, jnp.float32)  # 64 wide; the tiny cascade takes demo-t5's width
@@ -1046,6 +1053,7 @@ def test_text_width_mismatch_is_a_clear_error(tiny_cascade, tiny_t5_dir):
         imagen.generate(stages, enc, tok, ["x"], [FAST])
 
 
+@CASCADE
 def test_a_stage_loads_only_its_ema_weights(tiny_cascade, tmp_path):
     stage_dir = tmp_path / "base"
     shutil.copytree(os.path.join(tiny_cascade, "base"), stage_dir)
@@ -1069,6 +1077,7 @@ def test_named_sampling_sets():
     assert imagen.default_sampling(TINY_STAGES["sr2"]) == imagen.SAMPLING["demo"]["sr2"]
 
 
+@CASCADE
 def test_sample_cli_writes_and_reproduces(tiny_cascade, tmp_path):
     out = tmp_path / "out"
     images = sample.main(["--workdir", tiny_cascade, "--out", str(out), "--steps", "3", "--sampler", "ddim",
@@ -1085,6 +1094,7 @@ def test_sample_cli_writes_and_reproduces(tiny_cascade, tmp_path):
     np.testing.assert_array_equal(again, images)  # bit for bit
 
 
+@CASCADE
 def test_sample_cli_sweep_and_drawbench_grids(tiny_cascade, tmp_path):
     sample.main(["--workdir", tiny_cascade, "--out", str(tmp_path / "s"), "--stages", "1", "--steps", "2",
                  "--sweep", "guidance=1,5", "a red circle", "a blue square"])
@@ -1101,6 +1111,7 @@ def _cli(args, cwd):
                           cwd=os.path.dirname(os.path.abspath(__file__)), timeout=600)
 
 
+@CASCADE
 def test_sample_cli_bad_inputs(tiny_cascade, tmp_path):
     r = _cli(["--workdir", tiny_cascade], tmp_path)  # no prompts
     assert r.returncode != 0 and "usage" in r.stderr and "Traceback" not in r.stderr
@@ -1176,6 +1187,7 @@ def test_fid_and_clip_score_are_the_libraries(eval_models, tmp_path):
     np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4)
 
 
+@CASCADE
 def test_evaluate_a_cascade_resumes_and_names_missing_files(eval_models, tiny_cascade, tmp_path, monkeypatch):
     inception_path, clip_dir = eval_models
     coco = tmp_path / "coco"
