@@ -820,6 +820,8 @@ def test_sigterm_saves_a_state_and_position_that_belong_together(tmp_path, monke
         _train(tmp_path / "b", 5)
     monkeypatch.setattr(data, "host_stream", real)
     assert imagen.checkpoint_manager(str(tmp_path / "b")).latest_step() == 3
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # a log line cut short by a kill
+        f.write('{"step": 4, "lo')
     _train(tmp_path / "b", 5)
     _train(tmp_path / "a", 5)
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")

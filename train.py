@@ -279,8 +279,8 @@ def restore_or_init(mngr, stage, tcfg, meta, seed, mesh, workdir):
     state = imagen.restore_checkpoint(mngr, abstract)
     metrics = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(metrics) and jax.process_index() == 0:  # drop what was logged after it
-        with open(metrics) as f:
-            lines = [ln for ln in f if json.loads(ln)["step"] <= int(state["step"])]
+        with open(metrics) as f:  # and a last line cut short by a kill
+            lines = [ln for ln in f if ln.endswith("\n") and json.loads(ln)["step"] <= int(state["step"])]
         with open(metrics, "w") as f:
             f.writelines(lines)
     return state, old["position"][jax.process_index()]
@@ -303,14 +303,15 @@ def all_positions(position):
 
 
 class StopSignals:
-    """While active, SIGINT and SIGTERM ask the loop to stop instead of raising wherever the
-    program is: the loop looks between steps, so the state and the data position it saves
-    belong together. A second signal interrupts at once."""
+    """While active, SIGINT, SIGTERM (kill; Slurm's and Kubernetes' pre-emption) and SIGHUP ask
+    the loop to stop instead of raising wherever the program is: the loop looks between steps,
+    so the state and the data position it saves belong together. A second signal interrupts at
+    once."""
 
     def __enter__(self):
         self.requested, self._old = None, {}
         if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         return self
 
     def _handle(self, signum, frame):
