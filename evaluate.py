@@ -235,9 +235,8 @@ def run(a):
     out = a.out or os.path.join(a.workdir, "eval")
     named = imagen.SAMPLING[a.sampling]
     n_stages = a.stages or len(named)
-    if a.drawbench or a.coco is None:
-        if not a.drawbench:
-            raise SystemExit("give --coco DIR (COCO FID and CLIP score) or --drawbench; see --help")
+    if not a.drawbench and a.coco is None:
+        raise SystemExit("give --coco DIR (COCO FID and CLIP score) or --drawbench; see --help")
     clip = load_clip(a.clip) if a.clip else None
     extractor = None if a.drawbench else load_inception(a.inception)
     try:

@@ -85,11 +85,16 @@ class TextCache:
     """Reads what build_text_cache wrote, by example index: cache[indices] -> (emb (n, L, D)
     float32 zero-padded, mask (n, L) bool), L = its max_length."""
 
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, expect=None):
+        """expect: meta.json values the cache must have (all but the number of hosts that built it)."""
         if not self.complete(out_dir):
             raise SystemExit(f"{out_dir} is not a complete text cache: run the same training command (or "
-                             f"data.build_text_cache) on every host to finish it.")
+                             f"text_cache.build_text_cache) on every host to finish it.")
         self.meta = json.load(open(os.path.join(out_dir, "meta.json")))
+        diff = {k: (self.meta.get(k), v) for k, v in (expect or {}).items() if self.meta.get(k) != v}
+        if diff:
+            raise SystemExit(f"{out_dir} holds a text cache made with other settings (then, now): {diff}. "
+                             f"Use another --text-cache directory, or delete it.")
         n, P, D = self.meta["n"], self.meta["hosts"], self.meta["dim"]
         self.bounds = np.array([_host_range(n, h, P)[0] for h in range(P + 1)])
         self.rows = [np.load(os.path.join(out_dir, f"rows_{h:03d}.npy"), mmap_mode="r") for h in range(P)]

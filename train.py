@@ -231,12 +231,17 @@ def check_config(old, meta, workdir):
 
 def open_text(stage, text_cache, source, mesh):
     """-> (tokenizer, the offline embedding cache of the dataset's captions (§2.1) or None,
-    the encoder's text_spec and weights sharded over the mesh, to run it inside the step)."""
+    the encoder's text_spec and weights sharded over the mesh, to run it inside the step).
+    A finished cache is read without loading the encoder."""
+    if text_cache and TextCache.complete(text_cache):
+        expect = {"n": len(source), "max_length": stage.text_length, "dim": stage.unet.text_dim,
+                  "encoder": stage.text_encoder, "source": source.fingerprint()}
+        return None, TextCache(text_cache, expect), None, None
     encoder, tokenizer = data.load_text_encoder(stage.text_encoder, stage.unet.dtype)
     if encoder.cfg.d_model != stage.unet.text_dim:
         raise SystemExit(f"text encoder {stage.text_encoder!r} has width {encoder.cfg.d_model}, the "
                          f"{stage.name} network expects {stage.unet.text_dim}")
-    if text_cache:  # this host's share first (if not done), then every host reads all of it
+    if text_cache:  # this host's share first, then every host reads all of it
         build_text_cache(encoder, tokenizer, source, text_cache, encoder_name=stage.text_encoder,
                          max_length=stage.text_length, process_index=jax.process_index(),
                          process_count=jax.process_count(), progress=False)
