@@ -27,6 +27,8 @@ import numpy as np
 from flax import nnx
 
 import diffusion
+import checkpoints
+import cli
 import imagen
 import sharding
 import train
@@ -157,7 +159,7 @@ def bench_sampling_step(stage, batch, text_len):
 def bench_cascade(preset, text_len, b):
     """Whole-cascade latency for one prompt at the default step counts (random weights)."""
     cfgs = [imagen.with_backend(imagen.PRESETS[preset][n], b) for n in imagen.STAGE_NAMES]
-    stages = [imagen.LoadedStage(c, imagen.init_network(c), 0) for c in cfgs]
+    stages = [checkpoints.LoadedStage(c, imagen.init_network(c), 0) for c in cfgs]
     emb, mask = jnp.zeros((1, text_len, cfgs[0].unet.text_dim)), jnp.ones((1, text_len), bool)
 
     def run():
@@ -187,8 +189,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(imagen.PRESETS), default="demo")
     p.add_argument("--stage", choices=list(imagen.STAGE_NAMES), default="base")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=5, help="timed train steps")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8)
+    p.add_argument("--steps", type=cli.positive_int, default=5, help="timed train steps")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--remat", action="store_true")
     p.add_argument("--attention", choices=["xla", "cudnn"], default=None,
@@ -201,11 +203,11 @@ def main(argv=None):
                    help="interpreter with torch + imagen-pytorch for the peer (default: this one)")
     p.add_argument("--peer-widths", action="store_true",
                    help="demo base only: our U-Net at the widths of the peer's tiny U-Net (PEER_TINY_UNET)")
-    p.add_argument("--mesh", default="data=-1,fsdp=1", help="train step: data=D,fsdp=F as in train.py")
+    p.add_argument("--mesh", type=sharding.parse_mesh, default="data=-1,fsdp=1", help="train step: data=D,fsdp=F as in train.py")
     p.add_argument("--efficient-vs-plain", action="store_true",
                    help="App. D.3.2: train steps/s and memory of the F.2 Efficient U-Net and a plain U-Net of "
                         "its size on 64->256 (efficient_and_plain), instead of the stage benchmark")
-    p.add_argument("--width-div", type=int, default=1, help="with --efficient-vs-plain: divide every width")
+    p.add_argument("--width-div", type=cli.positive_int, default=1, help="with --efficient-vs-plain: divide every width")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     b = imagen.backend(a.dtype, a.attention)
@@ -231,7 +233,7 @@ def main(argv=None):
          "text_tokens": text_len, "attention": b.attention,
          "matmul_peak_tflops": peak / 1e12}
     if not a.no_train:
-        mesh = sharding.make_mesh(**sharding.parse_mesh(a.mesh))
+        mesh = sharding.make_mesh(**a.mesh)
         r.update(bench_train(stage, tcfg, a.batch_size, text_len, a.steps, mesh))
         r["mesh"] = dict(mesh.shape)
         r["mfu"] = r["tflops"] * 1e12 / (peak * jax.device_count())
@@ -256,4 +258,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

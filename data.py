@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+import cli
 import imagen
 import shapes
 import t5_encoder
@@ -72,6 +73,9 @@ class ShapesSource:
         img, caption, _, _ = shapes.make_example(self.seed, i)
         return img, caption
 
+    def name(self, i):
+        return f"shapes example {i}"
+
     def fingerprint(self):
         return f"shapes:{self.seed}"
 
@@ -86,15 +90,18 @@ class FolderSource:
     def __len__(self):
         return len(self.items)
 
-    def caption(self, i):
-        with open(self.items[i][1], encoding="utf-8") as f:
+    def name(self, i):
+        return self.items[i % len(self)][0]
+
+    def caption(self, i, errors="replace"):
+        with open(self.items[i][1], encoding="utf-8", errors=errors) as f:
             return f.read().strip()
 
     def load(self, i):
-        """-> (PIL RGB image, caption), or (None, None) if it cannot be read."""
+        """-> (PIL RGB image, caption), or (None, None) if either cannot be read."""
         try:
-            img = Image.open(self.items[i][0]).convert("RGB")  # decodes: a truncated file fails here
-            return img, self.caption(i)
+            img = to_rgb(Image.open(self.items[i][0]))  # decodes: a truncated file fails here
+            return img, self.caption(i, errors="strict")
         except DECODE_ERRORS:
             return None, None
 
@@ -207,6 +214,11 @@ class TarSource:
         img_off, img_size, txt_off, txt_size = rows[i - self.starts[s]]
         return io_(img_off, img_size), io_(txt_off, max(txt_size, 0)), img_size, txt_size
 
+    def name(self, i):
+        i %= len(self)
+        s = int(np.searchsorted(self.starts, i, "right")) - 1
+        return f"{self.tars[s]}: image {i - self.starts[s]} of the shard"
+
     def caption(self, i):
         return self._members(i)[1].decode("utf-8", "replace").strip()
 
@@ -215,7 +227,7 @@ class TarSource:
             img, txt, img_size, txt_size = self._members(i)
             if len(img) != img_size or len(txt) != txt_size:  # no caption, or the shard was cut short
                 return None, None
-            return Image.open(io.BytesIO(img)).convert("RGB"), txt.decode("utf-8").strip()
+            return to_rgb(Image.open(io.BytesIO(img))), txt.decode("utf-8").strip()
         except DECODE_ERRORS:
             return None, None
 
@@ -250,6 +262,18 @@ def open_source(data: str, seed: int = 0, index_dir=None):
 # ---------------------------------------------------------------------------------------------
 # Preprocessing
 # ---------------------------------------------------------------------------------------------
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB; an image with transparency (RGBA, LA, a palette with a transparent colour) is
+    composited on white, not left as whatever colour lies under its alpha.
+    paper: not specified; white, the usual background of transparent product and clip-art images."""
+    img.load()
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        img = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img).convert("RGB")
+    return img.convert("RGB")
+
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
     """Resize the shortest side to `size`, then crop the centre square."""
@@ -314,9 +338,9 @@ class _Example:
                 break
         else:
             raise RuntimeError(f"100 unreadable images in a row from example {i}: check --data")
-        i = (i + skipped) % len(self.source)
+        tried, i = i, (i + skipped) % len(self.source)
         x0, low = preprocess(img, self.stage, np.random.default_rng([self.seed, i, k + 1]))
-        out = {"image": x0, "caption": caption, "index": i, "skipped": skipped}
+        out = {"image": x0, "caption": caption, "index": i, "tried": tried, "skipped": skipped}
         return out | ({"lowres": low} if low is not None else {})
 
 
@@ -328,7 +352,8 @@ def _stack(examples):
 def host_stream(source, stage, batch: int, position: int, seed: int, process_index: int = 0,
                 process_count: int = 1, workers: int = 0, prefetch: bool = True):
     """An iterator of this host's batches from its `position` (examples read so far): dicts of
-    image (B, s, s, 3), lowres, caption (a list), index, skipped (counts per example); each
+    image (B, s, s, 3), lowres, caption (a list), index, tried and skipped (the example tried
+    first, and how many in a row from it were unreadable and replaced); each
     batch moves the position on by `batch`. workers > 0: decoding in that many processes;
     else in 2 threads of this one (prefetch=False: none, for a single batch)."""
     order = grain.MapDataset.range(len(source))
@@ -388,14 +413,14 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="'shapes', a folder of images + .txt, or .tar shards")
     p.add_argument("--preset", choices=list(imagen.PRESETS), default="paper")
     p.add_argument("--stage", choices=list(imagen.STAGE_NAMES), default="base")
-    p.add_argument("--batch-size", type=int, default=256, help="this host's batch")
-    p.add_argument("--batches", type=int, default=20)
-    p.add_argument("--data-workers", type=int, default=0)
+    p.add_argument("--batch-size", type=cli.positive_int, default=256, help="this host's batch")
+    p.add_argument("--batches", type=cli.positive_int, default=20)
+    p.add_argument("--data-workers", type=cli.nonnegative_int, default=0)
     p.add_argument("--index-dir", default=None)
-    p.add_argument("--write-synthetic", type=int, default=0, metavar="ENTRIES",
+    p.add_argument("--write-synthetic", type=cli.nonnegative_int, default=0, metavar="ENTRIES",
                    help="first write ENTRIES synthetic examples to --data in --shards shards")
-    p.add_argument("--shards", type=int, default=100)
-    p.add_argument("--side", type=int, default=256, help="--write-synthetic: image side")
+    p.add_argument("--shards", type=cli.positive_int, default=100)
+    p.add_argument("--side", type=cli.positive_int, default=256, help="--write-synthetic: image side")
     a = p.parse_args(argv)
     if a.write_synthetic:
         t = time.time()
@@ -422,4 +447,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

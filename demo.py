@@ -23,10 +23,15 @@ import json
 import os
 import time
 
+import jax
 import numpy as np
+from flax import nnx
 from PIL import Image
+from tqdm import tqdm
 
+import cli as command_line
 import data
+import checkpoints
 import imagen
 import shapes
 import train
@@ -36,6 +41,7 @@ from sample import grid
 EVAL_SEED = 1000  # new seeds: the evaluation never shares an image with training
 SWEEP = (1.0, 2.0, 3.0, 5.0, 7.0, 10.0)  # guidance weights (the paper sweeps 1-10, App. D)
 TARGETS = {"colour": 0.90, "position": 0.75, "count": 0.60}
+EVAL_BATCH = 32  # captions per sampling batch
 
 
 def heldout_examples(n, size):
@@ -96,17 +102,65 @@ def purity(images):
     return float((np.sqrt(((x - refs) ** 2).sum(-1)).min(-1) < 60).mean())
 
 
-def evaluate(workdir, sampling, n_eval=64, n_sweep=32, batch_size=32, seed=0):
+class Progress:
+    """One progress line for the whole demo: what runs now (stage k of 3 and its step, or the
+    evaluation's batch), a bar over the whole run and the time left for all of it. The parts
+    are weighted by their FLOPs (XLA's count of each network's forward pass; a train step
+    counted as 3 passes), so the rate measured so far predicts the rest; work done before a
+    resume is skipped, not timed."""
+
+    def __init__(self, stage_configs, tcfgs, sampling, n_eval, n_sweep, batch_size):
+        fwd = lambda name, side, B, passes: passes * B * _forward_flops(stage_configs[name], side) / 1e9
+        guided = lambda name, st: 1 + (st.guidance != 1.0)
+        self.units = {name: fwd(name, stage_configs[name].train_side, tcfgs[name].batch_size, 3)
+                      for name in imagen.STAGE_NAMES}
+        B = min(batch_size, n_eval)
+        self.units["cascade"] = sum(fwd(n, stage_configs[n].side, B, guided(n, sampling[n]) * sampling[n].steps)
+                                    for n in imagen.STAGE_NAMES)
+        self.units["sweep"] = fwd("base", stage_configs["base"].side, min(batch_size, n_sweep), 2 * sampling["base"].steps)
+        self.units["thresholding"] = fwd("base", stage_configs["base"].side, 8, 2 * sampling["base"].steps)
+        total = (sum(self.units[n] * tcfgs[n].steps for n in imagen.STAGE_NAMES) + self.units["cascade"] * -(-n_eval // B)
+                 + self.units["sweep"] * len(SWEEP) * -(-n_sweep // min(batch_size, n_sweep)) + self.units["thresholding"] * 3)
+        self.bar = tqdm(total=total, unit="GFLOP", dynamic_ncols=True,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} < {remaining} left for the whole demo")
+        self.part, self.label = None, ""
+
+    def start(self, part, label):
+        self.part, self.label = part, label
+
+    def advance(self, ticks, status, skipped=False):
+        done = min(ticks * self.units[self.part], self.bar.total - self.bar.n)  # float sums: never past 100%
+        if skipped:  # done before a resume: not part of the rate
+            self.bar.n += done
+            self.bar.last_print_n = self.bar.n
+        else:
+            self.bar.update(done)
+        self.bar.set_description_str(f"demo {self.label}, {status}")
+
+    def close(self):
+        self.bar.close()
+
+
+def _forward_flops(stage, side):
+    """One example's forward pass at `side`, from XLA's count of the lowered (not compiled) program."""
+    graphdef, state = nnx.split(imagen.abstract_network(stage))
+    fwd = lambda state, *inputs: nnx.merge(graphdef, state)(*inputs)
+    return float(jax.jit(fwd).lower(state, *imagen.abstract_inputs(stage, 1, side)).cost_analysis()["flops"])
+
+
+def evaluate(workdir, sampling, n_eval=64, n_sweep=32, batch_size=32, seed=0, progress=True):
     """Sample the trained cascade (sampling: SampleSettings by stage name); -> the numbers."""
     batch_size = min(batch_size, n_eval)
-    stages = imagen.load_cascade(workdir, 3)
+    stages = checkpoints.load_cascade(workdir, 3)
     enc, tok = data.load_text_encoder(stages[0].config.text_encoder)
     settings = [sampling[s.config.name] for s in stages]
     final = stages[-1].config.side
     t = time.time()
     examples = heldout_examples(n_eval, final)
     captions = [c for _, c, _, _ in examples]
-    samples = imagen.generate(stages, enc, tok, captions, settings, seed, batch_size, progress=True)
+    if hasattr(progress, "start"):
+        progress.start("cascade", "evaluation")
+    samples = imagen.generate(stages, enc, tok, captions, settings, seed, batch_size, progress=progress)
     t_cascade = time.time() - t
     result = {"cascade": alignment(samples, captions),
               "ceiling": alignment([img for img, _, _, _ in examples], captions),
@@ -123,7 +177,9 @@ def evaluate(workdir, sampling, n_eval=64, n_sweep=32, batch_size=32, seed=0):
     sweep = []
     for w in SWEEP:
         st = [dataclasses.replace(settings[0], guidance=w)]
-        imgs = imagen.generate(base, enc, tok, captions[:n_sweep], st, seed, min(batch_size, n_sweep))
+        if hasattr(progress, "start"):
+            progress.start("sweep", f"guidance sweep, w = {w:g}")
+        imgs = imagen.generate(base, enc, tok, captions[:n_sweep], st, seed, min(batch_size, n_sweep), progress=progress)
         acc = alignment(imgs, captions[:n_sweep])
         mean_acc = float(np.nanmean([v for v, _ in acc.values()]))
         sweep.append({"w": w, "alignment": mean_acc, "purity": purity(imgs), **{k: v for k, (v, _) in acc.items()}})
@@ -136,7 +192,9 @@ def evaluate(workdir, sampling, n_eval=64, n_sweep=32, batch_size=32, seed=0):
     rows, thresh = [], {}
     for mode in ("none", "static", "dynamic"):
         st = [dataclasses.replace(settings[0], guidance=10.0, threshold=mode)]
-        imgs = imagen.generate(base, enc, tok, captions[:8], st, seed, 8)
+        if hasattr(progress, "start"):
+            progress.start("thresholding", f"thresholding, {mode}")
+        imgs = imagen.generate(base, enc, tok, captions[:8], st, seed, 8, progress=progress)
         rows.append(imgs)
         thresh[mode] = {"purity": purity(imgs), "mean_abs_saturation": float(np.mean((imgs == 0) | (imgs == 255)))}
     grid(np.concatenate(rows), cols=8).save(os.path.join(workdir, "thresholding.png"))
@@ -199,7 +257,9 @@ def main(workdir="runs/demo", stage_configs=None, tcfgs=None, sampling=None, n_e
     tcfgs = tcfgs or train.TRAIN_PRESETS["demo"]
     sampling = sampling or imagen.SAMPLING["demo"]
     train_seconds = {}
-    for name in imagen.STAGE_NAMES:
+    progress = Progress(stage_configs, tcfgs, sampling, n_eval, n_sweep, EVAL_BATCH)
+    for k, name in enumerate(imagen.STAGE_NAMES):
+        progress.start(name, f"stage {k + 1} of 3")
         t = time.time()
         seconds_file = os.path.join(workdir, name, "train_seconds.json")  # summed over resumes
         before = 0.0
@@ -208,11 +268,12 @@ def main(workdir="runs/demo", stage_configs=None, tcfgs=None, sampling=None, n_e
                 before = json.load(f)
         steps = tcfgs[name].steps
         train.train(stage_configs[name], tcfgs[name], os.path.join(workdir, name),
-                    log_every=max(1, min(50, steps // 10)), save_every=max(100, steps // 3))
+                    log_every=max(1, min(50, steps // 10)), save_every=max(100, steps // 3), progress=progress)
         train_seconds[name] = before + time.time() - t
         with open(seconds_file, "w") as f:
             json.dump(train_seconds[name], f)
-    result, settings, stages = evaluate(workdir, sampling, n_eval, n_sweep)
+    result, settings, stages = evaluate(workdir, sampling, n_eval, n_sweep, EVAL_BATCH, progress=progress)
+    progress.close()
     write_report(workdir, result, settings, stages, train_seconds)
     print(f"wrote {workdir}/report.md")
     for k in ("colour", "position", "count"):
@@ -227,4 +288,4 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    cli()
+    command_line.run(cli)

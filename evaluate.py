@@ -29,7 +29,6 @@ import glob
 import hashlib
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -37,6 +36,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+import checkpoints
+import cli
 import imagen
 import sample
 
@@ -66,7 +67,7 @@ def _missing(what, path):
 
 def to_side(img: Image.Image, side: int) -> np.ndarray:
     """An image -> uint8 (side, side, 3): RGB, shortest side to `side`, centre crop."""
-    return np.asarray(data.center_crop(img.convert("RGB"), side), np.uint8)
+    return np.asarray(data.center_crop(data.to_rgb(img), side), np.uint8)
 
 
 def read_images(paths, side):
@@ -217,7 +218,7 @@ def parse_args(argv):
     p.add_argument("--workdir", default="runs/paper", help="the cascade: base/, sr1/, sr2/")
     p.add_argument("--out", default=None, help="default WORKDIR/eval")
     p.add_argument("--coco", default=None, help="COCO dir: val2014/*.jpg, annotations/captions_val2014.json")
-    p.add_argument("--num", type=int, default=30000, help="captions (Table 1: 30000; the sweeps: 10000)")
+    p.add_argument("--num", type=cli.positive_int, default=30000, help="captions (Table 1: 30000; the sweeps: 10000)")
     p.add_argument("--guidance", default=None,
                    help="guidance weights of --sweep-stage, e.g. 1.35 or 1,2,5 or 'paper' (default: the sampling set's)")
     p.add_argument("--sweep-stage", choices=["base", "sr1"], default="base", help="the stage --guidance sets")
@@ -226,23 +227,26 @@ def parse_args(argv):
     p.add_argument("--inception", default="ckpt/pt_inception-2015-12-05-6726825d.pth")
     p.add_argument("--clip", default=None, help="a CLIP directory (transformers); e.g. ckpt/clip-vit-large-patch14")
     p.add_argument("--drawbench", action="store_true", help="DrawBench grids (and CLIP scores with --clip)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
-    return p.parse_args(argv)
+    p.add_argument("--seed", type=cli.seed, default=0)
+    p.add_argument("--batch-size", type=cli.positive_int, default=8)
+    a = p.parse_args(argv)
+    if a.guidance not in (None, "paper"):
+        try:
+            a.guidance = cli.per_stage(cli.finite_float)(a.guidance)
+        except argparse.ArgumentTypeError as err:
+            p.error(f"argument --guidance: {err}")
+    if not a.drawbench and a.coco is None:
+        p.error("give --coco DIR (COCO FID and CLIP score) or --drawbench; see --help")
+    return a
 
 
 def run(a):
     out = a.out or os.path.join(a.workdir, "eval")
     named = imagen.SAMPLING[a.sampling]
     n_stages = a.stages or len(named)
-    if not a.drawbench and a.coco is None:
-        raise SystemExit("give --coco DIR (COCO FID and CLIP score) or --drawbench; see --help")
     clip = load_clip(a.clip) if a.clip else None
     extractor = None if a.drawbench else load_inception(a.inception)
-    try:
-        stages = imagen.load_cascade(a.workdir, n_stages)
-    except FileNotFoundError as e:
-        raise SystemExit(str(e)) from None
+    stages = checkpoints.load_cascade(a.workdir, n_stages)
     base = [named.get(s.config.name, imagen.default_sampling(s.config)) for s in stages]
     text = data.load_text_encoder(stages[0].config.text_encoder)
     if a.drawbench:
@@ -267,7 +271,7 @@ def run(a):
     if k >= len(stages):
         raise SystemExit(f"--sweep-stage {a.sweep_stage}: the cascade evaluated has {len(stages)} stage(s)")
     weights = (PAPER_GUIDANCE[a.sweep_stage] if a.guidance == "paper" else
-               [float(w) for w in a.guidance.split(",")] if a.guidance else [base[k].guidance])
+               a.guidance if a.guidance else [base[k].guidance])
     rows = []
     for w in weights:
         settings = [dataclasses.replace(s, guidance=w) if i == k else s for i, s in enumerate(base)]
@@ -297,11 +301,7 @@ def run(a):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(args)
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
+    return cli.run(lambda argv: run(parse_args(argv)), argv)
 
 
 if __name__ == "__main__":

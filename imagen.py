@@ -1,4 +1,4 @@
-"""Imagen: the three-stage cascade, its stage configs, their checkpoints, and text -> image.
+"""Imagen: the three-stage cascade, its stage configs, and text -> image.
 
 Saharia et al. 2022, §2 and Fig. A.4: text -> frozen T5-XXL -> 64x64 base model ->
 64->256 super-resolution -> 256->1024 super-resolution, each a diffusion model with
@@ -18,14 +18,11 @@ ours, the resolution and the FLOPs of one forward pass at batch 1.
 import dataclasses
 import functools
 import json
-import logging
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
@@ -256,8 +253,7 @@ def forward_flops(stage: StageConfig, batch: int = 1, side: int | None = None) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints (orbax): items "train" (params, optimizer state, step), "ema", and "meta" (JSON:
-# the stage config, text encoder, seed, train config, data position)
+# A stage config as JSON, as checkpoints.py records it in every checkpoint
 # ---------------------------------------------------------------------------------------------
 
 _RUNTIME_FIELDS = ("dtype", "attention", "remat")  # how a network runs, not what it is
@@ -289,82 +285,6 @@ def stage_from_dict(d: dict) -> StageConfig:
     return StageConfig(**{k: v for k, v in d.items() if k in names and k != "unet"}, unet=unet)
 
 
-# orbax writes a replicated array as one slice per replica, in parallel; on the small arrays of a
-# train state that is one dispatch per slice (5,400 for the demo state on 8 devices, 1-12 s per
-# save): only arrays of at least 1 MiB per replica are split
-logging.getLogger("absl").setLevel(logging.ERROR)  # not its note that a handler is replaced
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=2 ** 20), override=True)
-logging.getLogger("absl").setLevel(logging.NOTSET)
-
-
-def checkpoint_manager(workdir: str):
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-
-
-def save_checkpoint(mngr, state: dict, meta: dict):
-    """Save a train state {params, ema, opt, step} and its metadata, and wait until written."""
-    train = {k: state[k] for k in ("params", "opt", "step")}
-    mngr.save(int(state["step"]), args=ocp.args.Composite(
-        train=ocp.args.StandardSave(train), ema=ocp.args.StandardSave(state["ema"]),
-        meta=ocp.args.JsonSave(meta)), force=True)
-    mngr.wait_until_finished()
-
-
-def read_meta(mngr, step: int | None = None) -> dict:
-    step = mngr.latest_step() if step is None else step
-    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
-
-def restore_checkpoint(mngr, abstract_state: dict, step: int | None = None) -> dict:
-    """The whole train state, onto the shardings of abstract_state's ShapeDtypeStructs."""
-    step = mngr.latest_step() if step is None else step
-    train = {k: abstract_state[k] for k in ("params", "opt", "step")}
-    r = mngr.restore(step, args=ocp.args.Composite(train=ocp.args.StandardRestore(train),
-                                                   ema=ocp.args.StandardRestore(abstract_state["ema"])))
-    return {**r["train"], "ema": r["ema"]}
-
-
-@dataclasses.dataclass
-class LoadedStage:
-    config: StageConfig
-    model: nnx.Module
-    step: int  # the checkpoint's step
-
-
-def load_stage(stage_dir: str) -> LoadedStage:
-    """A stage trained by train.py in stage_dir, for sampling: its config (as recorded in the
-    checkpoint, run with this backend's policy) and its EMA weights (nothing else is read), on
-    this process's first device, whatever mesh saved them."""
-    mngr = checkpoint_manager(stage_dir)
-    step = mngr.latest_step()
-    if step is None:
-        raise FileNotFoundError(stage_dir)
-    config = with_backend(stage_from_dict(read_meta(mngr, step)["stage"]), backend())
-    graphdef, params = nnx.split(abstract_network(config))
-    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), params)
-    ema = mngr.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(params)))["ema"]
-    return LoadedStage(config, nnx.merge(graphdef, ema), step)
-
-
-def load_cascade(workdir: str, num_stages: int = 3) -> list[LoadedStage]:
-    """workdir/base, workdir/sr1, workdir/sr2 (train.py workdirs) -> [LoadedStage]. A missing
-    stage is a FileNotFoundError naming the command that makes it."""
-    stages = []
-    for name in STAGE_NAMES[:num_stages]:
-        d = os.path.join(workdir, name)
-        try:
-            stages.append(load_stage(d))
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"no trained {name} stage in {d}. Make it with\n  python train.py --stage {name} "
-                f"--workdir {d} [--preset paper ...]\nor run `python demo.py` for the demo cascade "
-                f"(runs/demo).") from None
-    return stages
-
-
 # ---------------------------------------------------------------------------------------------
 # The cascade: text -> 64 -> 256 -> 1024 (§2, Fig. A.4)
 # ---------------------------------------------------------------------------------------------
@@ -388,7 +308,7 @@ def _sampler(graphdef, schedule, prediction, shape, guided, steps, sampler, gamm
     return jax.jit(run)
 
 
-def sample_stage(stage: LoadedStage, key, txt_BLD, mask_BL, settings: SampleSettings, prev_BHWC=None):
+def sample_stage(stage, key, txt_BLD, mask_BL, settings: SampleSettings, prev_BHWC=None):
     """One stage for one batch: (B, side, side, 3) in [-1, 1]. prev_BHWC: the previous stage's
     output, noise-augmented at settings.aug_level and resized to this stage's side (§2.4)."""
     cfg = stage.config
@@ -415,18 +335,22 @@ def generate(stages, encoder, tokenizer, prompts, settings, seed=0, batch_size=8
     same images, also when a long list is generated a part at a time."""
     check_text_width(stages, encoder)
     text_length = text_length or stages[0].config.text_length
+    t5_encoder.warn_if_cut(tokenizer, prompts, text_length)  # the prompts given, not the padded batch
     out = []
     batches = range(0, len(prompts), batch_size)
-    for b, start in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
+    shared = hasattr(progress, "advance")  # a bar of a longer job (demo.Progress): it counts batches
+    for b, start in enumerate(batches if shared else tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
         chunk = list(prompts[start:start + batch_size])
         n = len(chunk)
         chunk += [""] * (batch_size - n)  # pad the last batch: one compiled shape per stage
-        txt_BLD, mask_BL = t5_encoder.encode(encoder, tokenizer, chunk, text_length)
+        txt_BLD, mask_BL = t5_encoder.encode(encoder, tokenizer, chunk, text_length, warn=False)
         x = None
         for s, (stage, st) in enumerate(zip(stages, settings)):
             key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), first_batch + b), s)
             x = sample_stage(stage, key, txt_BLD, jnp.asarray(mask_BL), st, x)
         out.append(to_uint8(x[:n]))  # memory: only uint8 images stay on the host
+        if shared:
+            progress.advance(1, f"sampling batch {b + 1}/{len(batches)}")
     return np.concatenate(out)
 
 

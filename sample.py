@@ -3,10 +3,11 @@
   python sample.py --workdir runs/demo "a red circle on the left of a blue square"
   python sample.py --workdir runs/demo --prompts drawbench           # one grid per category
   python sample.py --workdir runs/demo --sweep guidance=1,3,5,7 "two blue squares"
-  python sample.py --workdir runs/demo --settings runs/demo/samples/settings.json   # reproduce
+  python sample.py --settings runs/demo/samples/001/settings.json   # reproduce, bit for bit
 
 Writes OUT/grid.png, OUT/NNNN.png (one per prompt, in order), OUT/settings.json (everything
-needed to reproduce the images exactly). Settings come from a named set of imagen.SAMPLING
+needed to reproduce the images exactly); OUT is --out (empty, new, or this same command's) or
+else a new WORKDIR/samples/NNN. Settings come from a named set of imagen.SAMPLING
 (--sampling; default: "paper-best" for a cascade of the paper presets, the paper's "best
 samples": guidance 5, aug level 0.3, dynamic thresholding p = 99.5, App. D.2, Figs. A.10-A.12;
 "demo" for the demo cascade), then the flags below; "coco-fid" is Table 1's w = 1.35 (base) /
@@ -19,12 +20,13 @@ import csv
 import dataclasses
 import json
 import os
-import sys
 
 import numpy as np
 from PIL import Image
 
+import cli
 import data
+import checkpoints
 import imagen
 
 DRAWBENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "drawbench.csv")
@@ -48,34 +50,59 @@ def grid(images, cols=None, labels=None):
     return Image.fromarray(canvas)
 
 
-def per_stage(value, n, cast):
-    """'5' or '5,8,8' -> a list of n values (one per stage)."""
-    parts = [cast(v) for v in str(value).split(",")]
-    if len(parts) not in (1, n):
-        raise SystemExit(f"give one value or one per stage ({n}): {value!r}")
-    return parts * n if len(parts) == 1 else parts
+SWEEPS = {"guidance": cli.finite_float, "aug_level": cli.unit_float, "steps": cli.positive_int,
+          "threshold": ("none", "static", "dynamic")}
+
+
+def sweep_arg(text):
+    """--sweep KEY=V1,V2,... -> (key, [values]), each value checked like its own flag."""
+    key, eq, values = text.partition("=")
+    if not eq or key not in SWEEPS:
+        raise argparse.ArgumentTypeError(f"{text!r}: write KEY=V1,V2,... with KEY one of {', '.join(SWEEPS)}")
+    return key, cli.per_stage(SWEEPS[key])(values)
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="*", help="text prompts (the empty string is unconditional)")
     p.add_argument("--workdir", default="runs/demo", help="holds base/, sr1/, sr2/ from train.py")
-    p.add_argument("--out", default=None, help="default WORKDIR/samples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="an empty or new folder (default: WORKDIR/samples/NNN, the next number)")
+    p.add_argument("--seed", type=cli.seed, default=0)
     p.add_argument("--stages", type=int, choices=[1, 2, 3], default=None,
                    help="how many stages to run (default: those of --sampling: 3, or 2 for coco-fid)")
     p.add_argument("--sampling", choices=list(imagen.SAMPLING), default=None,
                    help="named settings (default: the cascade's preset's: paper-best or demo)")
-    p.add_argument("--guidance", default=None, help="w, one value or one per stage: 5 or 5,8,8")
-    p.add_argument("--aug-level", default=None, help="super-resolution aug level(s), e.g. 0.3")
+    p.add_argument("--guidance", type=cli.per_stage(cli.finite_float), default=None,
+                   help="w, one value or one per stage: 5 or 5,8,8")
+    p.add_argument("--aug-level", type=cli.per_stage(cli.unit_float), default=None,
+                   help="super-resolution aug level(s) in [0, 1], e.g. 0.3")
     p.add_argument("--threshold", choices=["none", "static", "dynamic"], default=None)
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
-    p.add_argument("--steps", default=None, help="steps, one value or one per stage: 100,50,50")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=cli.per_stage(cli.positive_int), default=None,
+                   help="steps, one value or one per stage: 100,50,50")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8)
     p.add_argument("--prompts", dest="prompt_set", choices=["drawbench"], default=None)
-    p.add_argument("--sweep", default=None, help="guidance=1,3,5,7 | aug_level=0,0.3,0.6 | threshold=none,static,dynamic")
+    p.add_argument("--sweep", type=sweep_arg, default=None,
+                   help="guidance=1,3,5,7 | aug_level=0,0.3,0.6 | steps=10,50 | threshold=none,static,dynamic")
     p.add_argument("--settings", default=None, help="settings.json of an earlier run: reproduce it")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for prompt in args.prompts:  # a command line's undecodable bytes arrive as lone surrogates
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            p.error(f"prompt {prompt.encode('utf-8', 'surrogateescape')[:60]!r} is not UTF-8 text")
+    if args.settings is None and not args.prompts and not args.prompt_set:
+        p.error('give one or more prompts ("a red circle"; "" is unconditional) or --prompts drawbench')
+    named = imagen.SAMPLING[args.sampling] if args.sampling else None
+    args.stages = args.stages or (len(named) if named else 3)
+    if named and args.stages > len(named):
+        p.error(f"--sampling {args.sampling} gives settings for {len(named)} stages "
+                f"({', '.join(named)}): use --stages {len(named)} or fewer")
+    for flag in ("guidance", "aug_level", "steps"):
+        values = getattr(args, flag)
+        if values is not None and len(values) not in (1, args.stages):
+            p.error(f"--{flag.replace('_', '-')}: give one value or one per stage ({args.stages})")
+    return args
 
 
 def resolve_settings(args, stages):
@@ -83,13 +110,44 @@ def resolve_settings(args, stages):
     n = len(stages)
     settings = [imagen.SAMPLING[args.sampling][s.config.name] if args.sampling else
                 imagen.default_sampling(s.config) for s in stages]
-    overrides = {"guidance": (args.guidance, float), "aug_level": (args.aug_level, float),
-                 "steps": (args.steps, int), "threshold": (args.threshold, str), "sampler": (args.sampler, str)}
-    for field, (value, cast) in overrides.items():
-        if value is not None:
-            for i, v in enumerate(per_stage(value, n, cast)):
+    overrides = {"guidance": args.guidance, "aug_level": args.aug_level, "steps": args.steps,
+                 "threshold": args.threshold and [args.threshold], "sampler": args.sampler and [args.sampler]}
+    for field, values in overrides.items():
+        if values is not None:
+            for i, v in enumerate(values * n if len(values) == 1 else values):
                 settings[i] = dataclasses.replace(settings[i], **{field: v})
     return settings
+
+
+def output_dir(args):
+    """The folder the images go to, made and checked writable before any model loads: --out
+    (refused when it holds another run's files; the same command may rewrite its own), or a new
+    WORKDIR/samples/NNN."""
+    if args.out is None:
+        root = os.path.join(args.workdir, "samples")
+        taken = [int(d) for d in (os.listdir(root) if os.path.isdir(root) else []) if d.isdigit()]
+        out = os.path.join(root, f"{max(taken, default=0) + 1:03d}")
+    else:
+        out = args.out
+        if os.path.isdir(out) and os.listdir(out):
+            mine = os.path.join(out, "settings.json")
+            same = False
+            if os.path.exists(mine):
+                with open(mine) as f:
+                    old = json.load(f)
+                same = (old.get("prompts"), old.get("seed"), old.get("workdir")) == \
+                       (args.prompts or old.get("prompts"), args.seed, args.workdir) and not args.prompt_set
+            if not same:
+                raise cli.UserError(f"--out {out} already holds files of another run: give an empty or new "
+                                    f"folder, or leave --out out for a new WORKDIR/samples/NNN")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, ".write_test"), "w"):
+            pass
+        os.remove(os.path.join(out, ".write_test"))
+    except OSError as e:
+        raise cli.UserError(f"cannot write to --out {out} ({e.strerror}): give a writable folder") from None
+    return out
 
 
 def run(args):
@@ -98,24 +156,13 @@ def run(args):
             saved = json.load(f)
         args.prompts, args.seed, args.batch_size = saved["prompts"], saved["seed"], saved["batch_size"]
         args.stages, args.workdir = len(saved["stages"]), saved["workdir"]
-    if not args.prompts and not args.prompt_set:
-        raise SystemExit("usage: python sample.py --workdir DIR \"a prompt\" [\"another\" ...] "
-                         "(or --prompts drawbench); see --help")
-    named = imagen.SAMPLING[args.sampling] if args.sampling else None
-    args.stages = args.stages or (len(named) if named else 3)
-    if named and args.stages > len(named):
-        raise SystemExit(f"--sampling {args.sampling} gives settings for {len(named)} stages "
-                         f"({', '.join(named)}): use --stages {len(named)} or fewer")
-    try:
-        stages = imagen.load_cascade(args.workdir, args.stages)
-    except FileNotFoundError as e:
-        raise SystemExit(str(e)) from None
+    checkpoints.check_cascade(args.workdir, args.stages)  # before anything is written there
+    out = output_dir(args)
+    stages = checkpoints.load_cascade(args.workdir, args.stages)
     settings = resolve_settings(args, stages)
     if args.settings:
         settings = [imagen.SampleSettings(**s["settings"]) for s in saved["stages"]]
     encoder, tokenizer = data.load_text_encoder(stages[0].config.text_encoder)
-    out = args.out or os.path.join(args.workdir, "samples")
-    os.makedirs(out, exist_ok=True)
 
     if args.prompt_set == "drawbench":
         bench = read_drawbench()
@@ -125,15 +172,14 @@ def run(args):
     gen = lambda st: imagen.generate(stages, encoder, tokenizer, prompts, st, args.seed, args.batch_size,
                                      progress=True)
     if args.sweep:
-        key, values = args.sweep.split("=")
-        cast = {"guidance": float, "aug_level": float, "threshold": str}[key]
+        key, values = args.sweep
         rows = []
-        for v in values.split(","):
-            st = [dataclasses.replace(s, **{key: cast(v)}) if key != "aug_level" or i > 0 else s
+        for v in values:  # the aug level is the super-resolution stages' only
+            st = [dataclasses.replace(s, **{key: v}) if key != "aug_level" or i > 0 else s
                   for i, s in enumerate(settings)]
             rows.append(gen(st))
         grid(np.concatenate(rows), cols=len(prompts)).save(os.path.join(out, f"sweep_{key}.png"))
-        print(f"wrote {out}/sweep_{key}.png: rows {key} = {values}, columns = prompts")
+        print(f"wrote {out}/sweep_{key}.png: rows {key} = {','.join(map(str, values))}, columns = prompts")
         images = rows[0]
     else:
         images = gen(settings)
@@ -156,11 +202,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(args)
-    except (ValueError, OSError) as e:  # bad input: a message, not a traceback
-        raise SystemExit(f"error: {e}") from None
+    return cli.run(lambda a: run(parse_args(a)), argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ partitioner then all-gathers each weight where it is used and reduce-scatters it
 constraint is the only sharding call the computation needs; the networks carry none.
 """
 
+import argparse
 import math
 
 import jax
@@ -31,13 +32,13 @@ def make_mesh(data=-1, fsdp=1, devices=None):
 
 
 def parse_mesh(spec: str) -> dict:
-    """"data=2,fsdp=4" -> {"data": 2, "fsdp": 4} (make_mesh's arguments)."""
+    """"data=2,fsdp=4" -> {"data": 2, "fsdp": 4} (make_mesh's arguments; an argparse type)."""
     try:
         out = {k: int(v) for k, v in (part.split("=") for part in spec.split(","))}
     except ValueError:
         out = None
-    if not out or set(out) - {"data", "fsdp"}:
-        raise SystemExit(f"--mesh {spec!r}: expected data=D,fsdp=F (D x F = the devices; -1 fills the rest)")
+    if not out or set(out) - {"data", "fsdp"} or any(v == 0 or v < -1 for v in out.values()):
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected data=D,fsdp=F (D x F = the devices; -1 fills the rest)")
     return out
 
 

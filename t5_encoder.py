@@ -31,6 +31,8 @@ from huggingface_hub import snapshot_download  # comes with transformers
 from safetensors import safe_open
 from transformers import AutoTokenizer, ByT5Tokenizer
 
+from cli import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
@@ -258,8 +260,30 @@ def load_t5(name_or_path: str, dtype=jnp.bfloat16, download: bool = False):
                              f"implies {var.get_value().shape}.")
         var.set_value(jnp.asarray(arr, dtype))
         del arr
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    return nnx.merge(graphdef, state), tokenizer
+    return nnx.merge(graphdef, state), load_tokenizer(ckpt)
+
+
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json")  # SentencePiece model, or its fast-tokenizer form
+
+
+def load_tokenizer(ckpt: str):
+    """The checkpoint's own tokenizer, refused when it cannot be loaded or cannot tell two
+    prompts apart: without its vocabulary file a T5 tokenizer still loads and maps every word
+    to <unk>, and the model would train and sample with no text signal at all."""
+    fix = (f"Fetch the tokenizer beside the weights, from the repository they came from, e.g.\n"
+           f"  hf download google/t5-v1_1-xxl spiece.model --local-dir {ckpt}")
+    if not any(os.path.exists(os.path.join(ckpt, f)) for f in TOKENIZER_FILES):
+        fix = f"{ckpt} has no {' or '.join(TOKENIZER_FILES)}. " + fix
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    except Exception as e:  # a damaged vocabulary file: sentencepiece and tokenizers raise their own kinds
+        raise UserError(f"{ckpt}: the tokenizer cannot be loaded ({type(e).__name__}: {e}).\n{fix}") from None
+    probe = ("a red circle", "two blue squares")
+    ids = [tokenizer(t)["input_ids"] for t in probe]
+    if ids[0] == ids[1]:
+        raise UserError(f"{ckpt}: the tokenizer maps {probe[0]!r} and {probe[1]!r} to the same ids "
+                        f"{ids[0]}: its vocabulary is missing.\n{fix}")
+    return tokenizer
 
 
 # The demo's text encoder (the demo downloads no weights): the T5 v1.1 architecture at a
@@ -357,22 +381,29 @@ def tokenize(tokenizer, texts, max_length: int = MAX_LENGTH):
     return tok["input_ids"].astype(np.int32), tok["attention_mask"].astype(bool)
 
 
-def encode(encoder, tokenizer, texts, max_length: int = MAX_LENGTH):
+def warn_if_cut(tokenizer, texts, max_length: int = MAX_LENGTH, stacklevel: int = 3):
+    """One warning naming how many of `texts` are longer than max_length tokens (they are cut)."""
+    full = tokenizer(list(texts))["input_ids"]
+    cut = [t for t, ids in zip(texts, full) if len(ids) > max_length]
+    if cut:
+        warnings.warn(f"{len(cut)} of {len(texts)} prompts are longer than {max_length} tokens "
+                      f"and were cut, e.g. {cut[0][:60]!r}...", stacklevel=stacklevel)
+
+
+def encode(encoder, tokenizer, texts, max_length: int = MAX_LENGTH, warn: bool = True):
     """Prompts -> (emb (B, L, D) float32, mask (B, L) bool), padded or cut to L = max_length.
 
     §2.1: the encoder's last hidden states are the text embeddings. Padded positions are zero
     (and masked). The empty string is a valid prompt (it is just the end-of-sequence token);
-    prompts longer than max_length tokens are cut, with one warning per call.
+    prompts longer than max_length tokens are cut, with one warning per call (warn=False: the
+    caller has warned).
     """
     if isinstance(texts, str) or len(texts) == 0:
         raise ValueError("encode() takes a non-empty list of prompts (the empty string is a "
                          "valid prompt; an empty list is not).")
     texts = list(texts)
-    full = tokenizer(texts)["input_ids"]
-    cut = [t for t, ids in zip(texts, full) if len(ids) > max_length]
-    if cut:
-        warnings.warn(f"{len(cut)} of {len(texts)} prompts are longer than {max_length} tokens "
-                      f"and were cut, e.g. {cut[0][:60]!r}...", stacklevel=2)
+    if warn:
+        warn_if_cut(tokenizer, texts, max_length)
     ids, mask = tokenize(tokenizer, texts, max_length)
     return _forward(encoder, jnp.asarray(ids), jnp.asarray(mask)), mask
 

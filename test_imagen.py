@@ -6,6 +6,7 @@ Sections follow the paper's reading order: the diffusion math, the text encoder,
 training, the cascade and its checkpoints, the command lines, the demo.
 """
 
+import argparse
 import dataclasses
 import io
 import itertools
@@ -17,12 +18,18 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 
 # 8 emulated CPU devices; XLA's slow optimisation passes off: the tests' tiny programs spend far
 # longer compiling than running
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                "--xla_cpu_use_fusion_emitters=false")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 " + FAST_COMPILE)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never use the network
+# one persistent compilation cache per pytest run, shared by its xdist workers and by the command
+# lines the tests start: a program compiled in one of them is loaded by the others
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), "imagen-tests-jax-cache-" + os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -34,11 +41,14 @@ from flax import nnx  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import bench  # noqa: E402
+import cli  # noqa: E402
 import data  # noqa: E402
 import demo  # noqa: E402
 import diffusion as D  # noqa: E402
+import dry_run  # noqa: E402
 import evaluate  # noqa: E402
 import efficient_unet as E  # noqa: E402
+import checkpoints  # noqa: E402
 import imagen  # noqa: E402
 import sample  # noqa: E402
 import shapes  # noqa: E402
@@ -384,6 +394,14 @@ def test_t5_clear_errors(tiny_t5_dir, tmp_path):
     json.dump(cfg, open(wrong / "config.json", "w"))
     with pytest.raises(ValueError, match="shape"):
         T5.load_t5(str(wrong))
+    # the weights without their tokenizer (a T5 tokenizer still loads, and maps every word to
+    # <unk>): refused, naming the missing file and how to fetch it
+    no_vocab = tmp_path / "no_vocab"
+    no_vocab.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_t5_dir, f), no_vocab)
+    with pytest.raises(cli.UserError, match="(?s)same ids.*no spiece.model or tokenizer.json.*hf download"):
+        T5.load_t5(str(no_vocab))
 
 
 def test_t5_encode_inputs_and_truncation_warning(tiny_t5_dir):
@@ -676,7 +694,7 @@ def _step_fn(stage, mesh_devices=1, grad_accum=1, tcfg=TINY_TRAIN, fsdp=1, text_
         return train.compile_step(stage, tcfg, mesh, grad_accum, 0), state, graphdef
     encoder = data.load_text_encoder("demo-t5")[0]
     weights = jax.device_put(nnx.state(encoder), sharding.state_shardings(mesh, nnx.state(encoder)))
-    step = train.compile_step(stage, tcfg, mesh, grad_accum, 0, train.text_spec(encoder))
+    step = train.compile_step(stage, tcfg, mesh, grad_accum, 0, text_cache.text_spec(encoder))
     return (lambda st, b: step(st, b, weights)), state, weights  # the encoder's weights for graphdef
 
 
@@ -769,7 +787,7 @@ def test_meshes_and_micro_batches_equal_one_device_one_batch(monkeypatch):
     # and of the encoder, where replicated ones would add all of them
     _, shapes = train.abstract_state(stage, tcfg)
     batch = train.batch_shapes(stage, 16, stage.text_length, tokens=True)
-    spec = train.text_spec(data.load_text_encoder("demo-t5")[0])
+    spec = text_cache.text_spec(data.load_text_encoder("demo-t5")[0])
     arg_bytes = train.compile_step(stage, tcfg, sharding.make_mesh(fsdp=8), 2, 0, spec).lower(
         shapes, batch, spec[1].unflatten(spec[2])).compile().memory_analysis().argument_size_in_bytes
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
@@ -790,15 +808,14 @@ def _losses(workdir):
 
 
 def test_stopped_and_resumed_on_other_meshes_equals_uninterrupted(tmp_path, monkeypatch):
-    # saved sharded on 8 devices (fsdp=8), resumed on 4 (fsdp=4), then on 1: the losses of an
-    # uninterrupted 8-device run; and sampling loads the EMA of a sharded checkpoint
+    # saved sharded on 8 devices (fsdp=8), resumed on 1: the losses of an uninterrupted 8-device
+    # run; and sampling loads the EMA of a sharded checkpoint
     monkeypatch.setattr(sharding, "FSDP_MIN_SIZE", TINY_FSDP_MIN_SIZE)
     _train(tmp_path / "a", 4)
     _train(tmp_path / "b", 2, mesh=sharding.make_mesh(fsdp=8))
-    loaded = imagen.load_stage(str(tmp_path / "b"))
+    loaded = checkpoints.load_stage(str(tmp_path / "b"))
     assert loaded.step == 2 and all(len(x.devices()) == 1 for x in jax.tree.leaves(nnx.state(loaded.model)))
-    _train(tmp_path / "b", 3, mesh=sharding.make_mesh(fsdp=4, devices=4))  # resumes from the data position
-    _train(tmp_path / "b", 4, mesh=sharding.make_mesh(devices=1))
+    _train(tmp_path / "b", 4, mesh=sharding.make_mesh(devices=1))  # resumes from the data position
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert [s for s, _ in a] == [1, 2, 3, 4] and [s for s, _ in b] == [1, 2, 3, 4]
     np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=2e-5)
@@ -819,7 +836,7 @@ def test_sigterm_saves_a_state_and_position_that_belong_together(tmp_path, monke
     with pytest.raises(SystemExit, match="SIGTERM: stopped after step 3; checkpoint saved"):
         _train(tmp_path / "b", 5)
     monkeypatch.setattr(data, "host_stream", real)
-    assert imagen.checkpoint_manager(str(tmp_path / "b")).latest_step() == 3
+    assert checkpoints.checkpoint_manager(str(tmp_path / "b")).latest_step() == 3
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # a log line cut short by a kill
         f.write('{"step": 4, "lo')
     _train(tmp_path / "b", 5)
@@ -829,7 +846,7 @@ def test_sigterm_saves_a_state_and_position_that_belong_together(tmp_path, monke
     np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=1e-6)
 
 
-def test_mismatched_checkpoint_is_refused(tmp_path):
+def test_mismatched_checkpoint_is_refused(tmp_path, capsys):
     _train(tmp_path, 1)
     other = dataclasses.replace(TINY_STAGES["base"], unet=dataclasses.replace(TINY_STAGES["base"].unet, channels=8))
     with pytest.raises(SystemExit, match="unet.channels: checkpoint 16, now 8"):
@@ -841,11 +858,34 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
         train.train(TINY_STAGES["base"], dataclasses.replace(TINY_TRAIN, steps=2), str(tmp_path), seed=1,
                     progress=False)
     # how the network runs (dtype, attention kernel, remat) is not another configuration
-    train.train(dataclasses.replace(TINY_STAGES["base"], unet=dataclasses.replace(TINY_STAGES["base"].unet, remat=True)),
-                dataclasses.replace(TINY_TRAIN, steps=2), str(tmp_path), progress=False)
-    assert imagen.checkpoint_manager(str(tmp_path)).latest_step() == 2
-    state = _train(tmp_path, 2)  # trained that far already: nothing to do, nothing saved
-    assert int(state["step"]) == 2 and imagen.checkpoint_manager(str(tmp_path)).latest_step() == 2
+    saved = checkpoints.read_meta(checkpoints.checkpoint_manager(str(tmp_path)))
+    runs_otherwise = dataclasses.replace(TINY_STAGES["base"], unet=dataclasses.replace(
+        TINY_STAGES["base"].unet, remat=True, dtype="bfloat16", attention="cudnn"))
+    train.check_config(saved, dict(saved, stage=imagen.config_dict(runs_otherwise)), str(tmp_path))
+    state = _train(tmp_path, 1)  # trained that far already: nothing to do, nothing saved
+    assert int(state["step"]) == 1 and checkpoints.checkpoint_manager(str(tmp_path)).latest_step() == 1
+    assert "is already at step 1: nothing to do for --steps 1" in capsys.readouterr().out
+
+
+def test_a_checkpoint_that_cannot_be_read_falls_back_to_the_one_before(tmp_path, capsys):
+    _train(tmp_path / "a", 3)
+    _train(tmp_path / "b", 2, save_every=1)  # checkpoints 1 and 2
+    ckpts = tmp_path / "b" / "checkpoints"
+    files = sorted((p for p in (ckpts / "2" / "train").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(files[-1], "r+b") as f:  # its largest file cut short, as by a full disk
+        f.truncate(files[-1].stat().st_size // 2)
+    assert checkpoints.load_stage(str(tmp_path / "b")).step == 2  # sampling reads only the EMA: intact
+    _train(tmp_path / "b", 3)  # training reads the rest: step 2 is set aside, step 1 resumed
+    assert f"checkpoint {ckpts}/2 cannot be read" in capsys.readouterr().err
+    assert (ckpts / "broken-2").is_dir() and checkpoints.checkpoint_manager(str(tmp_path / "b")).latest_step() == 3
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert [s for s, _ in b] == [1, 2, 3]
+    np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=1e-6)
+    for step in (3, 1):  # emptied folders: sampling falls back too, then says none is left
+        shutil.rmtree(ckpts / str(step))
+        (ckpts / str(step)).mkdir()
+    with pytest.raises(cli.UserError, match="no checkpoint in .* can be read"):
+        checkpoints.load_stage(str(tmp_path / "b"))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -860,9 +900,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     monkeypatch.setattr(data, "host_stream", poisoned)
     with pytest.raises(SystemExit, match="step 3.*last good checkpoint"):
         _train(tmp_path, 6, save_every=2, log_every=2)
-    mngr = imagen.checkpoint_manager(str(tmp_path))
+    mngr = checkpoints.checkpoint_manager(str(tmp_path))
     assert mngr.latest_step() == 2  # step 2 kept, nothing NaN written
-    state = imagen.restore_checkpoint(mngr, train.abstract_state(TINY_STAGES["base"], TINY_TRAIN)[1])
+    state = checkpoints.restore_checkpoint(mngr, train.abstract_state(TINY_STAGES["base"], TINY_TRAIN)[1])
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
 
 
@@ -921,15 +961,22 @@ def test_unreadable_examples_are_replaced_and_counted(tmp_path, shard_dir):
     # replaced by the next readable example: 1 -> 3 (two reads fail), 2 -> 3, 21 -> 0
     assert int(epoch["skipped"].sum()) == 4 and not set(epoch["index"]) & unreadable
     assert sorted(epoch["index"]) == sorted([i for i in range(22) if i not in unreadable] + [3, 3, 0])
-    # a folder of images: the same rule
+    # each is named: the first few in the warning, all in WORKDIR/skipped.txt
+    assert train.note_skipped(str(tmp_path), src, epoch["tried"], epoch["skipped"]) == 4
+    named = (tmp_path / "skipped.txt").read_text().splitlines()
+    assert sorted(named) == sorted([f"{bad / '00000.tar'}: image {k} of the shard" for k in (1, 2, 2)] +
+                                   [f"{bad / '00002.tar'}: image 5 of the shard"])
+    # a folder of images: the same rule, also for a caption that is not UTF-8
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(5):
         img, cap, _, _ = shapes.make_example(1, i, 40)
         img.save(folder / f"{i:04d}.jpg") if i != 2 else (folder / "0002.jpg").write_bytes(b"not a jpeg")
-        (folder / f"{i:04d}.txt").write_text(cap)
-    b = data.host_batch(data.open_source(str(folder)), TINY_STAGES["base"], 5, 0, 0)
-    assert b[5] == 1 and 2 not in b[3] and b[2][0] == data.open_source(str(folder)).caption(int(b[3][0]))
+        (folder / f"{i:04d}.txt").write_bytes(cap.encode() if i != 4 else b"a red \xff circle")
+    folder_src = data.open_source(str(folder))
+    b = data.host_batch(folder_src, TINY_STAGES["base"], 5, 0, 0)
+    assert b[5] == 2 and not {2, 4} & set(b[3]) and b[2][0] == folder_src.caption(int(b[3][0]))
+    assert folder_src.caption(4) == "a red \ufffd circle"  # what the text cache stores for it
 
 
 def test_resume_on_tar_data_with_the_text_cache_equals_uninterrupted(tmp_path, shard_dir):
@@ -947,7 +994,7 @@ def test_resume_on_tar_data_with_the_text_cache_equals_uninterrupted(tmp_path, s
 
 def test_dry_run_on_8_devices(capsys):
     # the step train.py runs without --text-cache: the frozen encoder inside it
-    rows = train.dry_run(TINY_STAGES["base"], dataclasses.replace(TINY_TRAIN, batch_size=16), 2, 0, text_cache=False)
+    rows = dry_run.dry_run(TINY_STAGES["base"], dataclasses.replace(TINY_TRAIN, batch_size=16), 2, 0, text_cache=False)
     out = capsys.readouterr().out
     assert "global batch" in out and "16 = 8 devices x 1 x 2 micro-batches" in out
     assert "FLOPs per step" in out and "bytes per device" in out and "train state per device" in out
@@ -956,9 +1003,24 @@ def test_dry_run_on_8_devices(capsys):
     assert rows["text encoder"].startswith(f"demo-t5 inside the step, {n_text / 1e9:.3f}B")
     assert sharding.parse_mesh("data=2,fsdp=-1") == {"data": 2, "fsdp": -1}
     assert dict(sharding.make_mesh(**sharding.parse_mesh("data=2,fsdp=-1")).shape) == {"data": 2, "fsdp": 4}
-    for bad in ("data=3,fsdp=2", "fsdp=8,model=1", "data"):
-        with pytest.raises(SystemExit, match="--mesh"):
-            sharding.make_mesh(**sharding.parse_mesh(bad))
+    with pytest.raises(SystemExit, match="--mesh"):  # 3 x 2 is not the 8 devices
+        sharding.make_mesh(**sharding.parse_mesh("data=3,fsdp=2"))
+    for bad in ("fsdp=8,model=1", "data", "data=0,fsdp=8"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected data=D,fsdp=F"):
+            sharding.parse_mesh(bad)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "argument --steps: '0' is not a positive integer"),
+    (["--batch-size", "0"], "argument --batch-size: '0' is not a positive integer"),
+    (["--grad-accum", "0"], "argument --grad-accum"), (["--save-every", "0"], "argument --save-every"),
+    (["--log-every", "-1"], "argument --log-every"), (["--seed", str(2 ** 70)], "is not a seed in [0, 4294967295]"),
+    (["--data-workers", "x"], "argument --data-workers"), (["--mesh", "data=0"], "expected data=D,fsdp=F")])
+def test_train_cli_refuses_bad_arguments_before_loading_anything(args, message, capsys, monkeypatch):
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("should not get this far"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stage", "base", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err  # argparse's usage error
 
 
 def test_train_cli_needs_a_stage_and_the_demo_cli_takes_a_workdir(monkeypatch, tmp_path):
@@ -1007,11 +1069,15 @@ CASCADE = pytest.mark.xdist_group("cascade")
 
 @pytest.fixture(scope="session")
 def tiny_cascade(tmp_path_factory):
-    """Three tiny stages trained for one step each by train.py: 16 -> 32 -> 64."""
+    """Three tiny stages, 16 -> 32 -> 64, saved as train.py saves them after one step of batch 8
+    (its training is tested above): their initial parameters, and EMA weights that differ."""
     root = tmp_path_factory.mktemp("cascade")
-    for name in ("base", "sr1", "sr2"):
-        train.train(TINY_STAGES[name], dataclasses.replace(TINY_TRAIN, steps=1), str(root / name), log_every=1,
-                    progress=False)
+    for seed, name in enumerate(("base", "sr1", "sr2")):
+        _, state = train.init_state(TINY_STAGES[name], TINY_TRAIN, seed)
+        state["ema"] = jax.tree.map(lambda p: 0.9 * p + 0.01, state["params"])
+        state["step"] = jnp.ones((), jnp.int32)
+        meta = train.checkpoint_meta(TINY_STAGES[name], dataclasses.replace(TINY_TRAIN, steps=1), 0, "shapes", [8])
+        checkpoints.save_checkpoint(checkpoints.checkpoint_manager(str(root / name)), state, meta)
     return str(root)
 
 
@@ -1021,7 +1087,7 @@ FAST = imagen.SampleSettings(guidance=3.0, steps=3, sampler="ddim", threshold="d
 @CASCADE
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_generate_shapes_and_determinism(tiny_cascade, n):
-    stages = imagen.load_cascade(tiny_cascade, n)
+    stages = checkpoints.load_cascade(tiny_cascade, n)
     enc, tok = data.load_text_encoder(stages[0].config.text_encoder)
     prompts = ["a red circle", "", "two blue squares"]
     a = imagen.generate(stages, enc, tok, prompts, [FAST] * n, seed=1, batch_size=2)
@@ -1034,7 +1100,7 @@ def test_generate_shapes_and_determinism(tiny_cascade, n):
 
 @CASCADE
 def test_w1_is_one_network_pass_per_step(tiny_cascade, monkeypatch):
-    stages = imagen.load_cascade(tiny_cascade, 1)
+    stages = checkpoints.load_cascade(tiny_cascade, 1)
     enc, tok = data.load_text_encoder("demo-t5")
     seen = []
     real = U.UNet.__call__
@@ -1048,7 +1114,7 @@ def test_w1_is_one_network_pass_per_step(tiny_cascade, monkeypatch):
 
 @CASCADE
 def test_text_width_mismatch_is_a_clear_error(tiny_cascade, tiny_t5_dir):
-    stages = imagen.load_cascade(tiny_cascade, 1)
+    stages = checkpoints.load_cascade(tiny_cascade, 1)
     enc, tok = T5.load_t5(tiny_t5_dir, jnp.float32)  # 64 wide; the tiny cascade takes demo-t5's width
     assert enc.cfg.d_model != T5.DEMO_T5.d_model
     with pytest.raises(ValueError, match=f"trained on text of width {T5.DEMO_T5.d_model}"):
@@ -1059,22 +1125,24 @@ def test_text_width_mismatch_is_a_clear_error(tiny_cascade, tiny_t5_dir):
 def test_a_stage_loads_only_its_ema_weights(tiny_cascade, tmp_path):
     stage_dir = tmp_path / "base"
     shutil.copytree(os.path.join(tiny_cascade, "base"), stage_dir)
-    full = imagen.restore_checkpoint(imagen.checkpoint_manager(str(stage_dir)),
+    full = checkpoints.restore_checkpoint(checkpoints.checkpoint_manager(str(stage_dir)),
                                      train.abstract_state(TINY_STAGES["base"], TINY_TRAIN)[1])
     shutil.rmtree(stage_dir / "checkpoints" / "1" / "train")  # parameters and optimizer state
-    loaded = imagen.load_stage(str(stage_dir))
+    loaded = checkpoints.load_stage(str(stage_dir))
     assert loaded.step == 1 and loaded.config == imagen.with_backend(TINY_STAGES["base"], imagen.backend())
     jax.tree.map(np.testing.assert_array_equal, nnx.state(loaded.model, nnx.Param), full["ema"])
+    assert not np.array_equal(jax.tree.leaves(full["ema"])[0], jax.tree.leaves(full["params"])[0])
 
 
-def test_named_sampling_sets():
+def test_named_sampling_sets(capsys):
     best, coco = imagen.SAMPLING["paper-best"], imagen.SAMPLING["coco-fid"]
     assert (best["base"].guidance, best["sr1"].aug_level, best["sr2"].threshold, best["base"].p) == (5.0, 0.3, "dynamic", 99.5)
     # Table 1: FID at 256x256 from the 64x64 model (w = 1.35) and the 64->256 model (w = 8.0)
     assert list(coco) == ["base", "sr1"] and [coco[n].guidance for n in coco] == [1.35, 8.0]
     assert coco["sr1"].aug_level == 0.0  # App. D.2: best FID
-    with pytest.raises(SystemExit, match="settings for 2 stages"):
+    with pytest.raises(SystemExit) as e:
         sample.main(["--sampling", "coco-fid", "--stages", "3", "a prompt"])
+    assert e.value.code == 2 and "settings for 2 stages" in capsys.readouterr().err
     assert imagen.default_sampling(imagen.PRESETS["paper"]["sr1"]) == best["sr1"]
     assert imagen.default_sampling(TINY_STAGES["sr2"]) == imagen.SAMPLING["demo"]["sr2"]
 
@@ -1113,14 +1181,50 @@ def _cli(args, cwd):
                           cwd=os.path.dirname(os.path.abspath(__file__)), timeout=600)
 
 
+@pytest.mark.parametrize("args, message", [
+    ([], "give one or more prompts"), (["--steps", "0", "x"], "argument --steps: '0' is not a positive integer"),
+    (["--guidance", "nan", "x"], "argument --guidance: 'nan' is not a finite number"),
+    (["--guidance", "1,2", "x"], "--guidance: give one value or one per stage (3)"),
+    (["--aug-level", "1.5", "x"], "is not a number in [0, 1]"), (["--seed", str(2 ** 70), "x"], "is not a seed"),
+    (["--batch-size", "0", "x"], "argument --batch-size"), (["--sweep", "steps=5,x", "x"], "'x' is not a positive integer"),
+    (["--sweep", "colour=1", "x"], "write KEY=V1,V2,... with KEY one of guidance, aug_level, steps, threshold"),
+    (["--sweep", "threshold=hard", "x"], "'hard' is not one of none, static, dynamic"),
+    (["a \udcff prompt"], "is not UTF-8 text")])  # a command line's undecodable byte
+def test_sample_cli_refuses_bad_arguments_before_loading_anything(args, message, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(checkpoints, "load_cascade", lambda *a: pytest.fail("should not get this far"))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--workdir", str(tmp_path), *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
 @CASCADE
-def test_sample_cli_bad_inputs(tiny_cascade, tmp_path):
-    r = _cli(["--workdir", tiny_cascade], tmp_path)  # no prompts
-    assert r.returncode != 0 and "usage" in r.stderr and "Traceback" not in r.stderr
-    r = _cli(["--workdir", str(tmp_path / "nothing"), "a cat"], tmp_path)
-    assert r.returncode != 0 and "python train.py --stage base" in r.stderr and "Traceback" not in r.stderr
-    r = _cli(["--workdir", tiny_cascade, "--stages", "1", "--steps", "1", "--out", str(tmp_path / "o"), "x" * 300], tmp_path)
-    assert r.returncode == 0 and "longer than 64 tokens" in r.stderr  # cut with a warning
+def test_sample_cli_outputs_and_faults(tiny_cascade, tmp_path):
+    # a workdir without a cascade: the command that makes it, and nothing created there
+    with pytest.raises(SystemExit, match="python train.py --stage base"):
+        sample.main(["--workdir", str(tmp_path / "nothing"), "a cat"])
+    assert not (tmp_path / "nothing").exists()
+    # by default a new numbered folder per run
+    work = tmp_path / "work"
+    shutil.copytree(os.path.join(tiny_cascade, "base"), work / "base")
+    one = ["--workdir", str(work), "--stages", "1", "--steps", "1"]
+    for _ in range(2):
+        sample.main(one + ["a red circle"])
+    assert sorted(os.listdir(work / "samples")) == ["001", "002"]
+    # --out: the same command may write again; another run's files are not mixed in
+    sample.main(one + ["--out", str(tmp_path / "o"), "a red circle"])
+    sample.main(one + ["--out", str(tmp_path / "o"), "a red circle"])
+    with pytest.raises(SystemExit, match="already holds files of another run"):
+        sample.main(one + ["--out", str(tmp_path / "o"), "a blue square"])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="cannot write to --out"):  # found before any sampling
+        sample.main(one + ["--out", str(tmp_path / "file" / "o"), "x"])
+    # from outside, as a user meets them: a bad argument is argparse's exit 2, a long prompt a
+    # warning that counts the prompts given (not the padded batch); no traceback
+    r = _cli(["--workdir", tiny_cascade, "--steps", "0", "x"], tmp_path)
+    assert r.returncode == 2 and "not a positive integer" in r.stderr and "Traceback" not in r.stderr
+    r = _cli(one + ["--out", str(tmp_path / "long"), "x" * 300], tmp_path)  # compiled above: in the cache
+    assert r.returncode == 0 and "1 of 1 prompts are longer than 64 tokens" in r.stderr, r.stderr
 
 
 # =============================================================================================
@@ -1303,10 +1407,15 @@ def test_detector_scores_real_images_near_100_percent():
     assert shapes.score(img, wrong)["colour"] is False
 
 
-def test_short_demo_end_to_end(tmp_path):
+def test_short_demo_end_to_end(tmp_path, capsys):
     tcfgs = {k: dataclasses.replace(TINY_TRAIN, steps=n) for k, n in (("base", 2), ("sr1", 1), ("sr2", 1))}
     fast = {k: dataclasses.replace(v, steps=2) for k, v in imagen.SAMPLING["demo"].items()}
     result = demo.main(str(tmp_path), TINY_STAGES, tcfgs, fast, n_eval=4, n_sweep=2)
+    # one progress line for the whole run: the part that runs, the bar, the time left for all of it
+    line = capsys.readouterr().err.replace("\r", "\n")
+    for part in ("demo stage 1 of 3, base step 2/2", "demo stage 3 of 3, sr2 step 1/1", "demo evaluation, sampling batch 1/1",
+                 "demo thresholding, dynamic", "100%", "left for the whole demo"):
+        assert part in line, part
     report = (tmp_path / "report.md").read_text()
     assert "| colour |" in report and "guidance_sweep.png" in report and "Position captions (" in report
     for f in ("samples.png", "guidance_sweep.png", "thresholding.png", "report.json"):

@@ -2,15 +2,21 @@
 offline", once per caption, where training reads each of its 860M pairs about 6 times (2.5M
 steps x 2048 examples, §4.1).
 
-Built by every host in parallel, each its own share, resumable; read by example index.
+Built by every host in parallel, each its own share, resumable; read by example index. Also
+what a training run does for its text: read the cache, or run the encoder inside the step.
 """
 
 import json
 import os
 
+import jax
 import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+import data
+import sharding
 import t5_encoder
 
 # Layout: host h of P encodes examples [n h / P, n (h + 1) / P) into three files of its own,
@@ -123,3 +129,38 @@ class TextCache:
             first, L = self.rows[h][i - self.bounds[h]]
             emb[j, :L], mask[j, :L] = self.emb[h][first:first + L], True
         return emb, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# A training run's text: the offline cache, or the frozen encoder inside the step
+# ---------------------------------------------------------------------------------------------
+
+def text_spec(encoder):
+    """A frozen encoder (module or abstract) -> (graphdef, its weights' ShapeDtypeStructs as a
+    hashable tuple), what compile_step needs to compile the step with it inside."""
+    graphdef, weights = nnx.split(encoder)
+    leaves, treedef = jax.tree.flatten(weights)
+    return graphdef, treedef, tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves)
+
+
+def open_text(stage, text_cache, source, mesh):
+    """-> (tokenizer, the offline embedding cache of the dataset's captions (§2.1) or None,
+    the encoder's text_spec and weights sharded over the mesh, to run it inside the step).
+    A finished cache is read without loading the encoder."""
+    if text_cache and TextCache.complete(text_cache):
+        expect = {"n": len(source), "max_length": stage.text_length, "dim": stage.unet.text_dim,
+                  "encoder": stage.text_encoder, "source": source.fingerprint()}
+        return None, TextCache(text_cache, expect), None, None
+    encoder, tokenizer = data.load_text_encoder(stage.text_encoder, stage.unet.dtype)
+    if encoder.cfg.d_model != stage.unet.text_dim:
+        raise SystemExit(f"text encoder {stage.text_encoder!r} has width {encoder.cfg.d_model}, the "
+                         f"{stage.name} network expects {stage.unet.text_dim}")
+    if text_cache:  # this host's share first, then every host reads all of it
+        build_text_cache(encoder, tokenizer, source, text_cache, encoder_name=stage.text_encoder,
+                         max_length=stage.text_length, process_index=jax.process_index(),
+                         process_count=jax.process_count(), progress=False)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("text cache built")
+        return tokenizer, TextCache(text_cache), None, None
+    weights = nnx.state(encoder)
+    return tokenizer, None, text_spec(encoder), jax.device_put(weights, sharding.state_shardings(mesh, weights))

@@ -41,12 +41,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+import checkpoints
+import cli
 import data
 import diffusion
 import imagen
 import sharding
 import t5_encoder
-from text_cache import TextCache, build_text_cache
+from text_cache import open_text
 from sharding import BATCH
 
 
@@ -178,14 +180,6 @@ def batch_shapes(stage, batch, text_len, tokens=False):
     return {k: jax.ShapeDtypeStruct(*v) for k, v in shapes.items()}
 
 
-def text_spec(encoder):
-    """A frozen encoder (module or abstract) -> (graphdef, its weights' ShapeDtypeStructs as a
-    hashable tuple), what compile_step needs to compile the step with it inside."""
-    graphdef, weights = nnx.split(encoder)
-    leaves, treedef = jax.tree.flatten(weights)
-    return graphdef, treedef, tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves)
-
-
 def compile_step(stage, tcfg, mesh, grad_accum, seed, text=None):
     """The jitted step: state sharded by sharding.state_shardings, batch split over every
     device, state donated; with text = text_spec(encoder), the encoder's weights (a third
@@ -211,6 +205,12 @@ def _compile_step(stage, tcfg, mesh, grad_accum, seed, text):
 # The loop and its helpers
 # ---------------------------------------------------------------------------------------------
 
+def checkpoint_meta(stage, tcfg, seed, data_spec, positions):
+    """What a checkpoint records beside the state: what it is and how far each host has read."""
+    return {"stage": imagen.config_dict(stage), "train": dataclasses.asdict(tcfg), "seed": seed,
+            "data": data_spec, "position": positions}
+
+
 def check_config(old, meta, workdir):
     """Refuse to resume a checkpoint made with another configuration (the stage, the training
     settings but the step count, the seed, the data, the number of hosts), saying what differs."""
@@ -229,32 +229,10 @@ def check_config(old, meta, workdir):
                          "\nUse another --workdir, or the same settings as before (only --steps may change).")
 
 
-def open_text(stage, text_cache, source, mesh):
-    """-> (tokenizer, the offline embedding cache of the dataset's captions (§2.1) or None,
-    the encoder's text_spec and weights sharded over the mesh, to run it inside the step).
-    A finished cache is read without loading the encoder."""
-    if text_cache and TextCache.complete(text_cache):
-        expect = {"n": len(source), "max_length": stage.text_length, "dim": stage.unet.text_dim,
-                  "encoder": stage.text_encoder, "source": source.fingerprint()}
-        return None, TextCache(text_cache, expect), None, None
-    encoder, tokenizer = data.load_text_encoder(stage.text_encoder, stage.unet.dtype)
-    if encoder.cfg.d_model != stage.unet.text_dim:
-        raise SystemExit(f"text encoder {stage.text_encoder!r} has width {encoder.cfg.d_model}, the "
-                         f"{stage.name} network expects {stage.unet.text_dim}")
-    if text_cache:  # this host's share first, then every host reads all of it
-        build_text_cache(encoder, tokenizer, source, text_cache, encoder_name=stage.text_encoder,
-                         max_length=stage.text_length, process_index=jax.process_index(),
-                         process_count=jax.process_count(), progress=False)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("text cache built")
-        return tokenizer, TextCache(text_cache), None, None
-    weights = nnx.state(encoder)
-    return tokenizer, None, text_spec(encoder), jax.device_put(weights, sharding.state_shardings(mesh, weights))
-
-
 def global_batch(stream, stage, text, mesh):
     """This host's share of the next global batch from its data stream (data.host_stream), as
-    arrays sharded over the mesh -> (batch, images replaced as unreadable)."""
+    arrays sharded over the mesh -> (batch, (the examples tried first, how many of them in a
+    row were unreadable and replaced))."""
     b = next(stream)
     local_B = len(b["image"])
     tokenizer, cache = text[:2]
@@ -268,20 +246,26 @@ def global_batch(stream, stage, text, mesh):
     if stage.lowres_side:
         local["lowres"] = b["lowres"]
     split = NamedSharding(mesh, BATCH)
-    return {k: jax.make_array_from_process_local_data(split, v) for k, v in local.items()}, int(b["skipped"].sum())
+    return {k: jax.make_array_from_process_local_data(split, v) for k, v in local.items()}, (b["tried"], b["skipped"])
 
 
 def restore_or_init(mngr, stage, tcfg, meta, seed, mesh, workdir):
-    """The latest checkpoint's state (resharded onto this mesh, whatever mesh saved it) and this
-    host's data position, or a new state at 0."""
+    """The newest readable checkpoint's state (resharded onto this mesh, whatever mesh saved it)
+    and this host's data position, or a new state at 0. One that cannot be read is set aside
+    (checkpoints.restore_newest) for the one before it."""
     shapes = abstract_state(stage, tcfg)[1]
     shardings = sharding.state_shardings(mesh, shapes)
-    if mngr.latest_step() is None:
-        return jax.device_put(init_state(stage, tcfg, seed)[1], shardings), 0
-    old = imagen.read_meta(mngr)
-    check_config(old, meta, workdir)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    state = imagen.restore_checkpoint(mngr, abstract)
+
+    def restore(step):
+        old = checkpoints.read_meta(mngr, step)
+        check_config(old, meta, workdir)  # another configuration is refused, not skipped
+        return old, checkpoints.restore_checkpoint(mngr, abstract, step)
+
+    found = checkpoints.restore_newest(mngr, restore, set_aside=jax.process_index() == 0)
+    if found is None:
+        return jax.device_put(init_state(stage, tcfg, seed)[1], shardings), 0
+    _, (old, state) = found
     metrics = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(metrics) and jax.process_index() == 0:  # drop what was logged after it
         with open(metrics) as f:  # and a last line cut short by a kill
@@ -289,6 +273,19 @@ def restore_or_init(mngr, stage, tcfg, meta, seed, mesh, workdir):
         with open(metrics, "w") as f:
             f.writelines(lines)
     return state, old["position"][jax.process_index()]
+
+
+def note_skipped(workdir, source, tried, skipped, shown=3):
+    """Name the examples replaced as unreadable: all of them appended to WORKDIR/skipped.txt, the
+    first few in a warning; -> how many."""
+    names = [source.name(int(i) + k) for i, n in zip(tried, skipped) for k in range(int(n))]
+    if names and jax.process_index() == 0:
+        with open(os.path.join(workdir, "skipped.txt"), "a") as f:
+            f.writelines(n + "\n" for n in names)
+        tqdm.write(f"warning: {len(names)} unreadable examples replaced by the next readable ones: "
+                   f"{', '.join(names[:shown])}{', ...' if len(names) > shown else ''} (all in {workdir}/skipped.txt)",
+                   file=sys.stderr)
+    return len(names)
 
 
 def checked_losses(pending, step, last_saved, workdir):
@@ -353,13 +350,13 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
     source = data.open_source(data_spec, seed, index_dir)
     text = open_text(stage, text_cache, source, mesh)
     # restore or init, then compile the step
-    mngr = imagen.checkpoint_manager(workdir)
-    meta = {"stage": imagen.config_dict(stage), "train": dataclasses.asdict(tcfg), "seed": seed,
-            "data": data_spec, "position": [0] * jax.process_count()}
+    mngr = checkpoints.checkpoint_manager(workdir)
+    meta = checkpoint_meta(stage, tcfg, seed, data_spec, [0] * jax.process_count())
     state, position = restore_or_init(mngr, stage, tcfg, meta, seed, mesh, workdir)
     start = last_saved = int(state["step"])
     if start >= tcfg.steps:
-        print(f"{workdir} is trained to step {start}; nothing to do for --steps {tcfg.steps}")
+        print(f"{workdir} is already at step {start}: nothing to do for --steps {tcfg.steps} "
+              f"(give more --steps to train on)")
         return state
     step_fn = compile_step(stage, tcfg, mesh, grad_accum, seed, text[2])
     text_args = () if text[3] is None else (text[3],)
@@ -368,15 +365,20 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
     stream = data.host_stream(source, stage, local_B, position, seed, jax.process_index(), jax.process_count(),
                               data_workers)
     pending, skipped, t_log = [], 0, time.time()
-    bar = tqdm(total=tcfg.steps, initial=start, desc=f"train {stage.name}", unit="step", disable=not progress)
-    with StopSignals() as stop, bar, contextlib.closing(stream):
+    if hasattr(progress, "advance"):  # a bar of a longer job (demo.Progress): it counts this stage's steps
+        bar, advance, own_bar = progress, lambda: progress.advance(1, f"{stage.name} step {step}/{tcfg.steps}"), False
+        progress.advance(start, f"{stage.name} step {start}/{tcfg.steps}", skipped=True)
+    else:
+        bar = tqdm(total=tcfg.steps, initial=start, desc=f"train {stage.name}", unit="step", disable=not progress)
+        advance, own_bar = lambda: bar.update(1), True
+    with StopSignals() as stop, (bar if own_bar else contextlib.nullcontext()), contextlib.closing(stream):
         for step in range(start + 1, tcfg.steps + 1):
             # one update on the next batch; the position moves on only once the step is done
             batch, bad = global_batch(stream, stage, text, mesh)
             state, loss = step_fn(state, batch, *text_args)
-            position, skipped = position + local_B, skipped + bad
+            position, skipped = position + local_B, skipped + note_skipped(workdir, source, *bad)
             pending.append(loss)
-            bar.update(1)
+            advance()
             stopping = stop.agreed(at_log_step=step % log_every == 0)
             # log every log_every steps (and check the losses are finite)
             if step % log_every == 0 or step == tcfg.steps or stopping:
@@ -386,68 +388,20 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
                 if jax.process_index() == 0:
                     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
                         f.write(json.dumps(rec) + "\n")
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.1f}")
+                if own_bar:
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.1f}")
                 pending, t_log = [], time.time()
             # save every save_every steps, at the end, and when asked to stop
             if step % save_every == 0 or step == tcfg.steps or stopping:
                 checked_losses(pending, step, last_saved, workdir)
-                imagen.save_checkpoint(mngr, state, dict(meta, position=all_positions(position)))
+                checkpoints.save_checkpoint(mngr, state, dict(meta, position=all_positions(position)))
                 last_saved = step
             if stopping:
                 raise SystemExit(f"{stop.requested or 'a signal to another host'}: stopped after step {step}; "
                                  f"checkpoint saved in {workdir}. Run the same command again to resume.")
     if skipped:
-        print(f"{skipped} unreadable images were replaced by the next readable ones")
+        print(f"{skipped} unreadable examples were replaced by the next readable ones (named in {workdir}/skipped.txt)")
     return state
-
-
-# ---------------------------------------------------------------------------------------------
-# --dry-run: compile the step on abstract shapes and report what it costs
-# ---------------------------------------------------------------------------------------------
-
-TPU_V4_BF16 = 275e12  # FLOP/s per chip, bf16 (§4.1 trains on TPU-v4)
-
-
-def dry_run(stage, tcfg, grad_accum, seed, mesh=None, mfu=0.5, text_cache=True):
-    """Compile the step train() would run (text_cache=False: the encoder stage.text_encoder
-    inside it) on abstract shapes; print and return its costs."""
-    mesh = mesh or sharding.make_mesh()
-    n = mesh.size
-    _, state = abstract_state(stage, tcfg)
-    t = time.time()
-    args = [state, batch_shapes(stage, tcfg.batch_size, stage.text_length, tokens=not text_cache)]
-    text, text_row = None, "offline embedding cache (the batch holds the embeddings)"
-    if not text_cache:
-        text = text_spec(t5_encoder.abstract_encoder(stage.text_encoder, stage.unet.dtype))
-        args.append(text[1].unflatten(text[2]))
-        text_row = (f"{stage.text_encoder} inside the step, {sum(x.size for x in text[2]) / 1e9:.3f}B, "
-                    f"{sharding.bytes_per_device(mesh, args[2]) / 2**30:.2f} GiB per device")
-    compiled = compile_step(stage, tcfg, mesh, grad_accum, seed, text).lower(*args).compile()
-    flops_dev = float(compiled.cost_analysis()["flops"])  # of one device's partition
-    mem = compiled.memory_analysis()
-    params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    dev_bytes = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
-    rows = [("stage", f"{stage.name} ({stage.section}), {stage.train_side}x{stage.train_side}, "
-                      f"optimizer {tcfg.optimizer}, compute dtype {stage.unet.dtype}"),
-            ("parameters", f"{params / 1e9:.3f}B (paper: {stage.paper_params / 1e9:.2f}B)"),
-            ("devices", f"{n} ({jax.devices()[0].platform}), mesh ('data': {mesh.shape['data']}, "
-                        f"'fsdp': {mesh.shape['fsdp']})"),
-            ("global batch", f"{tcfg.batch_size} = {n} devices x {tcfg.batch_size // n // grad_accum} "
-                             f"x {grad_accum} micro-batches"),
-            ("FLOPs per step", f"{flops_dev * n:.3e} ({flops_dev:.3e} per device)"),
-            ("FLOPs per image", f"{flops_dev * n / tcfg.batch_size:.3e}"),
-            ("bytes per device", f"{dev_bytes / 2**30:.2f} GiB (arguments {mem.argument_size_in_bytes / 2**30:.2f}, "
-                                 f"temporaries {mem.temp_size_in_bytes / 2**30:.2f})"),
-            ("train state per device", f"{sharding.bytes_per_device(mesh, state) / 2**30:.2f} GiB (parameters, "
-                                       f"EMA, optimizer state)"),
-            ("text encoder", text_row),
-            (f"step time at {mfu:.0%} of TPU-v4", f"{flops_dev / (TPU_V4_BF16 * mfu):.3f} s "
-                                                  f"({TPU_V4_BF16 / 1e12:.0f} TFLOP/s bf16 per chip)"),
-            ("2.5M steps at that rate", f"{flops_dev / (TPU_V4_BF16 * mfu) * 2.5e6 / 86400:.1f} days"),
-            ("compile time", f"{time.time() - t:.1f} s")]
-    for k, v in rows:
-        print(f"{k:28s} {v}")
-    return dict(rows)
 
 
 def parse_args(argv):
@@ -455,33 +409,37 @@ def parse_args(argv):
     p.add_argument("--preset", choices=list(imagen.PRESETS), default="demo")
     p.add_argument("--stage", choices=list(imagen.STAGE_NAMES), default=None, help="the stage to train")
     p.add_argument("--workdir", default=None, help="default runs/<preset>/<stage>")
-    p.add_argument("--steps", type=int, default=None, help="total updates (default: the preset's)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (paper: 2048)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=cli.positive_int, default=None, help="total updates (default: the preset's)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=None, help="global batch (paper: 2048)")
+    p.add_argument("--grad-accum", type=cli.positive_int, default=1, help="micro-batches per step")
+    p.add_argument("--seed", type=cli.seed, default=0)
     p.add_argument("--data", default="shapes", help="'shapes', a folder of images + .txt, or .tar shards")
-    p.add_argument("--data-workers", type=int, default=0, help="image decode processes (0: threads)")
+    p.add_argument("--data-workers", type=cli.nonnegative_int, default=0, help="image decode processes (0: threads)")
     p.add_argument("--index-dir", default=None, help=".tar shards: where their index is kept (default: beside them)")
     p.add_argument("--text-encoder", default=None, help="'demo-t5' or a T5 v1.1 checkpoint directory")
     p.add_argument("--text-cache", default=None,
                    help="directory of the offline T5 embedding cache (default: encode inside the step)")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--save-every", type=int, default=1000)
+    p.add_argument("--log-every", type=cli.positive_int, default=10)
+    p.add_argument("--save-every", type=cli.positive_int, default=1000)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype (default: bfloat16 on accelerators, float32 on CPU)")
     p.add_argument("--remat", action="store_true", help="rematerialise residual blocks (memory)")
     p.add_argument("--dry-run", action="store_true", help="compile on abstract shapes, print costs")
-    p.add_argument("--devices", type=int, default=None, help="with --dry-run: emulate N CPU devices")
-    p.add_argument("--mesh", default="data=-1,fsdp=1",
+    p.add_argument("--devices", type=cli.positive_int, default=None, help="with --dry-run: emulate N CPU devices")
+    p.add_argument("--mesh", type=sharding.parse_mesh, default="data=-1,fsdp=1",
                    help="data=D,fsdp=F: the batch splits over D x F devices, the train state over F (FSDP)")
     p.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0")
-    p.add_argument("--num-processes", type=int, default=1)
-    p.add_argument("--process-id", type=int, default=0)
+    p.add_argument("--num-processes", type=cli.positive_int, default=1)
+    p.add_argument("--process-id", type=cli.nonnegative_int, default=0)
     return p.parse_args(argv)
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return cli.run(_main, argv)
+
+
+def _main(argv):
+    args = parse_args(argv)
     if args.stage is None:
         raise SystemExit("train.py trains one stage: add --stage base|sr1|sr2. The demo cascade "
                          "(all three stages, then a report) is `python demo.py`.")
@@ -496,10 +454,11 @@ def main(argv=None):
     tcfg = TRAIN_PRESETS[args.preset][args.stage]
     tcfg = dataclasses.replace(tcfg, **{k: v for k, v in (("batch_size", args.batch_size), ("steps", args.steps))
                                         if v is not None})
-    mesh = sharding.make_mesh(**sharding.parse_mesh(args.mesh))
+    mesh = sharding.make_mesh(**args.mesh)
     if args.dry_run:
         stage = dataclasses.replace(stage, text_encoder=args.text_encoder or stage.text_encoder)
-        return dry_run(stage, tcfg, args.grad_accum, args.seed, mesh, text_cache=bool(args.text_cache))
+        import dry_run  # noqa: PLC0415 (it imports this module)
+        return dry_run.dry_run(stage, tcfg, args.grad_accum, args.seed, mesh, text_cache=bool(args.text_cache))
     workdir = args.workdir or os.path.join("runs", args.preset, args.stage)  # sample.py reads runs/<preset>
     train(stage, tcfg, workdir, data_spec=args.data, text_encoder=args.text_encoder, text_cache=args.text_cache,
           grad_accum=args.grad_accum, seed=args.seed, log_every=args.log_every, save_every=args.save_every,

@@ -1,0 +1,136 @@
+"""Checkpoints (orbax): save and restore a stage's train state, and load trained stages for
+sampling. A checkpoint holds three items: "train" (parameters, optimizer state, step), "ema"
+(the EMA weights, all that sampling reads) and "meta" (JSON: the stage config, the training
+settings, the seed, the data and every host's data position). A checkpoint that cannot be read
+is skipped for the one before it, with a warning; nothing saved is ever deleted but by orbax's
+max_to_keep = 2.
+"""
+
+import dataclasses
+import logging
+import os
+import sys
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+import imagen
+from cli import UserError
+
+# orbax writes a replicated array as one slice per replica, in parallel; on the small arrays of a
+# train state that is one dispatch per slice (5,400 for the demo state on 8 devices, 1-12 s per
+# save): only arrays of at least 1 MiB per replica are split
+logging.getLogger("absl").setLevel(logging.ERROR)  # not its note that a handler is replaced
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=2 ** 20), override=True)
+logging.getLogger("absl").setLevel(logging.NOTSET)
+
+
+def checkpoint_manager(workdir: str, create: bool = True):
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=2, create=create))
+
+
+def restore_newest(mngr, restore, set_aside: bool = False):
+    """-> (step, restore(step)) for the newest checkpoint that can be read, or None when there
+    is none. One that cannot (a truncated file, an emptied folder) is skipped with a warning
+    naming it, and, with set_aside (training, which will save over its step), renamed to
+    broken-STEP beside it, so nothing saved is deleted."""
+    directory = str(mngr.directory)
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            return step, restore(step)
+        except Exception as e:  # any damage to the files: orbax and tensorstore raise many kinds
+            note = ""
+            if set_aside:
+                os.replace(os.path.join(directory, str(step)), os.path.join(directory, f"broken-{step}"))
+                mngr.reload()
+                note = f"; moved to broken-{step}"
+            print(f"warning: checkpoint {directory}/{step} cannot be read ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:200] if str(e) else ''}){note}; trying the one before it",
+                  file=sys.stderr)
+    if steps:
+        raise UserError(f"no checkpoint in {directory} can be read (steps {steps}): move the folder away "
+                        f"to start anew, or restore it from a copy")
+    return None
+
+
+def save_checkpoint(mngr, state: dict, meta: dict):
+    """Save a train state {params, ema, opt, step} and its metadata, and wait until written."""
+    train = {k: state[k] for k in ("params", "opt", "step")}
+    mngr.save(int(state["step"]), args=ocp.args.Composite(
+        train=ocp.args.StandardSave(train), ema=ocp.args.StandardSave(state["ema"]),
+        meta=ocp.args.JsonSave(meta)), force=True)
+    mngr.wait_until_finished()
+
+
+def read_meta(mngr, step: int | None = None) -> dict:
+    step = mngr.latest_step() if step is None else step
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def restore_checkpoint(mngr, abstract_state: dict, step: int | None = None) -> dict:
+    """The whole train state, onto the shardings of abstract_state's ShapeDtypeStructs."""
+    step = mngr.latest_step() if step is None else step
+    train = {k: abstract_state[k] for k in ("params", "opt", "step")}
+    r = mngr.restore(step, args=ocp.args.Composite(train=ocp.args.StandardRestore(train),
+                                                   ema=ocp.args.StandardRestore(abstract_state["ema"])))
+    return {**r["train"], "ema": r["ema"]}
+
+
+@dataclasses.dataclass
+class LoadedStage:
+    config: imagen.StageConfig
+    model: nnx.Module
+    step: int  # the checkpoint's step
+
+
+def load_stage(stage_dir: str) -> LoadedStage:
+    """A stage trained by train.py in stage_dir, for sampling: its config (as recorded in the
+    checkpoint, run with this backend's policy) and its EMA weights (nothing else is read), on
+    this process's first device, whatever mesh saved them. Creates nothing in stage_dir."""
+    if not os.path.isdir(os.path.join(stage_dir, "checkpoints")):
+        raise FileNotFoundError(stage_dir)
+    mngr = checkpoint_manager(stage_dir, create=False)
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def restore(step):
+        config = imagen.with_backend(imagen.stage_from_dict(read_meta(mngr, step)["stage"]), imagen.backend())
+        graphdef, params = nnx.split(imagen.abstract_network(config))
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), params)
+        ema = mngr.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(params)))["ema"]
+        return config, nnx.merge(graphdef, ema)
+
+    found = restore_newest(mngr, restore)
+    if found is None:
+        raise FileNotFoundError(stage_dir)
+    step, (config, model) = found
+    return LoadedStage(config, model, step)
+
+
+def check_cascade(workdir: str, num_stages: int = 3):
+    """That workdir holds the first num_stages stages' checkpoints (read nothing, create nothing)."""
+    for name in imagen.STAGE_NAMES[:num_stages]:
+        d = os.path.join(workdir, name, "checkpoints")
+        if not (os.path.isdir(d) and any(e.isdigit() for e in os.listdir(d))):
+            raise FileNotFoundError(_missing_stage(workdir, name))
+
+
+def _missing_stage(workdir, name):
+    d = os.path.join(workdir, name)
+    return (f"no trained {name} stage in {d}. Make it with\n  python train.py --stage {name} "
+            f"--workdir {d} [--preset paper ...]\nor run `python demo.py` for the demo cascade (runs/demo).")
+
+
+def load_cascade(workdir: str, num_stages: int = 3) -> list[LoadedStage]:
+    """workdir/base, workdir/sr1, workdir/sr2 (train.py workdirs) -> [LoadedStage]. A missing
+    stage is a FileNotFoundError naming the command that makes it."""
+    stages = []
+    for name in imagen.STAGE_NAMES[:num_stages]:
+        try:
+            stages.append(load_stage(os.path.join(workdir, name)))
+        except FileNotFoundError:
+            raise FileNotFoundError(_missing_stage(workdir, name)) from None
+    return stages

@@ -1,0 +1,63 @@
+"""What every command line here shares: argument types that check their value before anything
+loads (argparse then prints what is wrong and exits 2), and the one place that turns a known
+fault (a missing file, a bad checkpoint, bad input) into a one-line message and exit 1. An
+unexpected error still shows its traceback: it is a bug to report."""
+
+import argparse
+import math
+import sys
+
+MAX_SEED = 2 ** 32 - 1  # jax.random.PRNGKey takes a 32-bit seed
+
+
+class UserError(ValueError):
+    """A fault the user can fix; the message says what it is and what to do."""
+
+
+# Faults met in the files a user points at; anything else is a bug and keeps its traceback.
+KNOWN_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _number(cast, check, what):
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    parse.__name__ = what  # argparse names the type in its message
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+seed = _number(int, lambda v: 0 <= v <= MAX_SEED, f"a seed in [0, {MAX_SEED}]")
+finite_float = _number(float, math.isfinite, "a finite number")
+unit_float = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+
+
+def per_stage(element):
+    """An argparse type for "5" or "5,8,8" (one value, or one per stage): a list of values,
+    each checked by `element` (one of the types above, or a tuple of choices)."""
+    def parse(text):
+        parts = text.split(",")
+        if isinstance(element, tuple):
+            bad = [p for p in parts if p not in element]
+            if bad:
+                raise argparse.ArgumentTypeError(f"{bad[0]!r} is not one of {', '.join(element)}")
+            return parts
+        return [element(p) for p in parts]
+    parse.__name__ = "per-stage list"
+    return parse
+
+
+def run(main, argv=None):
+    """main(argv) with known faults as one line on stderr and exit 1, an interrupt as exit 130."""
+    try:
+        return main(sys.argv[1:] if argv is None else argv)
+    except KNOWN_ERRORS as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")

@@ -1,0 +1,62 @@
+"""--dry-run of train.py: compile a stage's train step on abstract shapes, allocating nothing,
+and report what it costs: parameters, FLOPs per step and per image, bytes per device, and the
+step time and days for §4.1's 2.5M steps at a given fraction of TPU-v4's peak.
+
+Saharia et al. 2022, §4.1: batch 2048, 2.5M steps, the base model on 256 TPU-v4 chips and each
+super-resolution model on 128.
+
+  python train.py --preset paper --stage base --dry-run --devices 256 --mesh data=16,fsdp=16
+"""
+
+import time
+
+import jax
+
+import sharding
+import t5_encoder
+from text_cache import text_spec
+import train
+
+TPU_V4_BF16 = 275e12  # FLOP/s per chip, bf16 (§4.1 trains on TPU-v4)
+
+
+def dry_run(stage, tcfg, grad_accum, seed, mesh=None, mfu=0.5, text_cache=True):
+    """Compile the step train() would run (text_cache=False: the encoder stage.text_encoder
+    inside it) on abstract shapes; print and return its costs."""
+    mesh = mesh or sharding.make_mesh()
+    n = mesh.size
+    _, state = train.abstract_state(stage, tcfg)
+    t = time.time()
+    args = [state, train.batch_shapes(stage, tcfg.batch_size, stage.text_length, tokens=not text_cache)]
+    text, text_row = None, "offline embedding cache (the batch holds the embeddings)"
+    if not text_cache:
+        text = text_spec(t5_encoder.abstract_encoder(stage.text_encoder, stage.unet.dtype))
+        args.append(text[1].unflatten(text[2]))
+        text_row = (f"{stage.text_encoder} inside the step, {sum(x.size for x in text[2]) / 1e9:.3f}B, "
+                    f"{sharding.bytes_per_device(mesh, args[2]) / 2**30:.2f} GiB per device")
+    compiled = train.compile_step(stage, tcfg, mesh, grad_accum, seed, text).lower(*args).compile()
+    flops_dev = float(compiled.cost_analysis()["flops"])  # of one device's partition
+    mem = compiled.memory_analysis()
+    params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    dev_bytes = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    rows = [("stage", f"{stage.name} ({stage.section}), {stage.train_side}x{stage.train_side}, "
+                      f"optimizer {tcfg.optimizer}, compute dtype {stage.unet.dtype}"),
+            ("parameters", f"{params / 1e9:.3f}B (paper: {stage.paper_params / 1e9:.2f}B)"),
+            ("devices", f"{n} ({jax.devices()[0].platform}), mesh ('data': {mesh.shape['data']}, "
+                        f"'fsdp': {mesh.shape['fsdp']})"),
+            ("global batch", f"{tcfg.batch_size} = {n} devices x {tcfg.batch_size // n // grad_accum} "
+                             f"x {grad_accum} micro-batches"),
+            ("FLOPs per step", f"{flops_dev * n:.3e} ({flops_dev:.3e} per device)"),
+            ("FLOPs per image", f"{flops_dev * n / tcfg.batch_size:.3e}"),
+            ("bytes per device", f"{dev_bytes / 2**30:.2f} GiB (arguments {mem.argument_size_in_bytes / 2**30:.2f}, "
+                                 f"temporaries {mem.temp_size_in_bytes / 2**30:.2f})"),
+            ("train state per device", f"{sharding.bytes_per_device(mesh, state) / 2**30:.2f} GiB (parameters, "
+                                       f"EMA, optimizer state)"),
+            ("text encoder", text_row),
+            (f"step time at {mfu:.0%} of TPU-v4", f"{flops_dev / (TPU_V4_BF16 * mfu):.3f} s "
+                                                  f"({TPU_V4_BF16 / 1e12:.0f} TFLOP/s bf16 per chip)"),
+            ("2.5M steps at that rate", f"{flops_dev / (TPU_V4_BF16 * mfu) * 2.5e6 / 86400:.1f} days"),
+            ("compile time", f"{time.time() - t:.1f} s")]
+    for k, v in rows:
+        print(f"{k:28s} {v}")
+    return dict(rows)
