@@ -979,6 +979,23 @@ def test_unreadable_examples_are_replaced_and_counted(tmp_path, shard_dir):
     assert folder_src.caption(4) == "a red \ufffd circle"  # what the text cache stores for it
 
 
+def test_transparent_images_are_composited_on_white(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 200  # red under the alpha everywhere
+    rgba[:4, ..., 3] = 255  # only the top half opaque
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a red square")
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 255] + [200, 0, 0] * 255)
+    palette.info["transparency"] = 1  # palette index 1 transparent
+    palette.save(tmp_path / "b.png", transparency=1)
+    (tmp_path / "b.txt").write_text("nothing")
+    src = data.open_source(str(tmp_path))
+    a, b = (np.asarray(src.load(i)[0]) for i in range(2))
+    assert (a[:4] == (200, 0, 0)).all() and (a[4:] == 255).all()
+    assert (b == 255).all()
+
+
 def test_resume_on_tar_data_with_the_text_cache_equals_uninterrupted(tmp_path, shard_dir):
     # and with the offline text cache (built by the first run, read by the others)
     # (decode workers give the same batches: test_tar_shards_one_epoch_across_hosts_and_workers)
