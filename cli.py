@@ -1,11 +1,18 @@
 """What every command line here shares: argument types that check their value before anything
-loads (argparse then prints what is wrong and exits 2), and the one place that turns a known
-fault (a missing file, a bad checkpoint, bad input) into a one-line message and exit 1. An
-unexpected error still shows its traceback: it is a bug to report."""
+loads (argparse then prints what is wrong and exits 2), the one place that turns a known fault
+(a missing file, a bad checkpoint, bad input) into a one-line message and exit 1, and the
+signals a long run stops on. An unexpected error still shows its traceback: it is a bug to
+report."""
 
 import argparse
 import math
+import signal
 import sys
+import threading
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 MAX_SEED = 2 ** 32 - 1  # jax.random.PRNGKey takes a 32-bit seed
 
@@ -61,3 +68,34 @@ def run(main, argv=None):
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted")
+
+
+class StopSignals:
+    """While active, SIGINT, SIGTERM (kill; Slurm's and Kubernetes' pre-emption) and SIGHUP ask
+    the loop to stop instead of raising wherever the program is: the loop looks between steps,
+    so the state and the data position it saves belong together. A second signal interrupts at
+    once."""
+
+    def __enter__(self):
+        self.requested, self._old = None, {}
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def agreed(self, at_log_step: bool) -> bool:
+        """Whether to stop after this step: at once on one host; with several, at the next log
+        step and on all of them (a signal may reach only one; asking costs a synchronisation)."""
+        mine = self.requested is not None
+        if jax.process_count() == 1 or not at_log_step:
+            return mine and jax.process_count() == 1
+        return bool(multihost_utils.process_allgather(np.array(mine)).any())
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+

@@ -27,9 +27,7 @@ import dataclasses
 import functools
 import json
 import os
-import signal
 import sys
-import threading
 import time
 
 import jax
@@ -304,36 +302,6 @@ def all_positions(position):
     return [int(p) for p in np.atleast_1d(multihost_utils.process_allgather(np.array(position)))]
 
 
-class StopSignals:
-    """While active, SIGINT, SIGTERM (kill; Slurm's and Kubernetes' pre-emption) and SIGHUP ask
-    the loop to stop instead of raising wherever the program is: the loop looks between steps,
-    so the state and the data position it saves belong together. A second signal interrupts at
-    once."""
-
-    def __enter__(self):
-        self.requested, self._old = None, {}
-        if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-    def agreed(self, at_log_step: bool) -> bool:
-        """Whether to stop after this step: at once on one host; with several, at the next log
-        step and on all of them (a signal may reach only one; asking costs a synchronisation)."""
-        mine = self.requested is not None
-        if jax.process_count() == 1 or not at_log_step:
-            return mine and jax.process_count() == 1
-        return bool(multihost_utils.process_allgather(np.array(mine)).any())
-
-    def __exit__(self, *exc):
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-
-
 def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_cache=None,
           grad_accum=1, seed=0, log_every=10, save_every=1000, progress=True, mesh=None,
           data_workers=0, index_dir=None):
@@ -371,7 +339,7 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
     else:
         bar = tqdm(total=tcfg.steps, initial=start, desc=f"train {stage.name}", unit="step", disable=not progress)
         advance, own_bar = lambda: bar.update(1), True
-    with StopSignals() as stop, (bar if own_bar else contextlib.nullcontext()), contextlib.closing(stream):
+    with cli.StopSignals() as stop, (bar if own_bar else contextlib.nullcontext()), contextlib.closing(stream):
         for step in range(start + 1, tcfg.steps + 1):
             # one update on the next batch; the position moves on only once the step is done
             batch, bad = global_batch(stream, stage, text, mesh)
