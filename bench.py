@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import diffusion
 import checkpoints
 import cli
+import diffusion
 import imagen
 import sharding
 import train

@@ -23,15 +23,13 @@ import json
 import os
 import time
 
-import jax
 import numpy as np
-from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
+import checkpoints
 import cli as command_line
 import data
-import checkpoints
 import imagen
 import shapes
 import train
@@ -110,7 +108,7 @@ class Progress:
     resume is skipped, not timed."""
 
     def __init__(self, stage_configs, tcfgs, sampling, n_eval, n_sweep, batch_size):
-        fwd = lambda name, side, B, passes: passes * B * _forward_flops(stage_configs[name], side) / 1e9
+        fwd = lambda name, side, B, passes: passes * B * imagen.forward_flops(stage_configs[name], 1, side, compile=False) / 1e9
         guided = lambda name, st: 1 + (st.guidance != 1.0)
         self.units = {name: fwd(name, stage_configs[name].train_side, tcfgs[name].batch_size, 3)
                       for name in imagen.STAGE_NAMES}
@@ -141,13 +139,6 @@ class Progress:
         self.bar.close()
 
 
-def _forward_flops(stage, side):
-    """One example's forward pass at `side`, from XLA's count of the lowered (not compiled) program."""
-    graphdef, state = nnx.split(imagen.abstract_network(stage))
-    fwd = lambda state, *inputs: nnx.merge(graphdef, state)(*inputs)
-    return float(jax.jit(fwd).lower(state, *imagen.abstract_inputs(stage, 1, side)).cost_analysis()["flops"])
-
-
 def evaluate(workdir, sampling, n_eval=64, n_sweep=32, batch_size=32, seed=0, progress=True):
     """Sample the trained cascade (sampling: SampleSettings by stage name); -> the numbers."""
     batch_size = min(batch_size, n_eval)
@@ -158,8 +149,8 @@ def evaluate(workdir, sampling, n_eval=64, n_sweep=32, batch_size=32, seed=0, pr
     t = time.time()
     examples = heldout_examples(n_eval, final)
     captions = [c for _, c, _, _ in examples]
-    if hasattr(progress, "start"):
-        progress.start("cascade", "evaluation")
+    start = getattr(progress, "start", lambda part, label: None)  # a demo.Progress, or True / False
+    start("cascade", "evaluation")
     samples = imagen.generate(stages, enc, tok, captions, settings, seed, batch_size, progress=progress)
     t_cascade = time.time() - t
     result = {"cascade": alignment(samples, captions),
@@ -177,8 +168,7 @@ def evaluate(workdir, sampling, n_eval=64, n_sweep=32, batch_size=32, seed=0, pr
     sweep = []
     for w in SWEEP:
         st = [dataclasses.replace(settings[0], guidance=w)]
-        if hasattr(progress, "start"):
-            progress.start("sweep", f"guidance sweep, w = {w:g}")
+        start("sweep", f"guidance sweep, w = {w:g}")
         imgs = imagen.generate(base, enc, tok, captions[:n_sweep], st, seed, min(batch_size, n_sweep), progress=progress)
         acc = alignment(imgs, captions[:n_sweep])
         mean_acc = float(np.nanmean([v for v, _ in acc.values()]))
@@ -192,8 +182,7 @@ def evaluate(workdir, sampling, n_eval=64, n_sweep=32, batch_size=32, seed=0, pr
     rows, thresh = [], {}
     for mode in ("none", "static", "dynamic"):
         st = [dataclasses.replace(settings[0], guidance=10.0, threshold=mode)]
-        if hasattr(progress, "start"):
-            progress.start("thresholding", f"thresholding, {mode}")
+        start("thresholding", f"thresholding, {mode}")
         imgs = imagen.generate(base, enc, tok, captions[:8], st, seed, 8, progress=progress)
         rows.append(imgs)
         thresh[mode] = {"purity": purity(imgs), "mean_abs_saturation": float(np.mean((imgs == 0) | (imgs == 255)))}

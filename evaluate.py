@@ -35,9 +35,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-import data
 import checkpoints
 import cli
+import data
 import imagen
 import sample
 
