@@ -119,7 +119,8 @@ class Progress:
         self.units["thresholding"] = fwd("base", stage_configs["base"].side, 8, 2 * sampling["base"].steps)
         total = (sum(self.units[n] * tcfgs[n].steps for n in imagen.STAGE_NAMES) + self.units["cascade"] * -(-n_eval // B)
                  + self.units["sweep"] * len(SWEEP) * -(-n_sweep // min(batch_size, n_sweep)) + self.units["thresholding"] * 3)
-        self.bar = tqdm(total=total, unit="GFLOP", dynamic_ncols=True,
+        # smoothing=0: the mean rate so far (steps are queued in bursts, which a moving average over-weights)
+        self.bar = tqdm(total=total, unit="GFLOP", dynamic_ncols=True, smoothing=0,
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} < {remaining} left for the whole demo")
         self.part, self.label = None, ""
 
@@ -128,8 +129,9 @@ class Progress:
 
     def advance(self, ticks, status, skipped=False):
         done = min(ticks * self.units[self.part], self.bar.total - self.bar.n)  # float sums: never past 100%
-        if skipped:  # done before a resume: not part of the rate
+        if skipped:  # done before a resume: not part of the rate ((n - initial) / elapsed)
             self.bar.n += done
+            self.bar.initial += done
             self.bar.last_print_n = self.bar.n
         else:
             self.bar.update(done)
