@@ -553,7 +553,7 @@ def test_unet_shapes_finite_and_text_matters(cfg):
 
 
 def test_text_only_attention_where_the_base_has_no_self_attention():
-    # text_cross_attn_res beyond attn_resolutions: attention to the
+    # text_cross_attn_res beyond attn_resolutions (the demo base's 16x16): attention to the
     # text alone there, self-attention + text where both are listed
     cfg = dataclasses.replace(TINY_BASE, text_cross_attn_res=(16, 8))
     model = make_net(cfg)
