@@ -272,10 +272,25 @@ def main(workdir="runs/demo", stage_configs=None, tcfgs=None, sampling=None, n_e
     return result
 
 
+def use_every_core():
+    """One XLA CPU device per core (a power of two, at most 8), so that each training batch and
+    each sampling batch splits data-parallel over the cores: one device keeps 2 cores about 60%
+    busy, two run the demo's base step at 1.27x and its super-resolution steps at 1.48x the
+    images/s (docs/demo_experiments.md#two-cpu-devices). Before JAX starts its backend; a device
+    count already in XLA_FLAGS is kept; accelerators are not affected."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        n = 1 << (min(cores, 8).bit_length() - 1)
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
 def cli(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo")
-    return main(p.parse_args(argv).workdir)
+    args = p.parse_args(argv)
+    use_every_core()
+    return main(args.workdir)
 
 
 if __name__ == "__main__":

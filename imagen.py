@@ -27,6 +27,7 @@ from flax import nnx
 from tqdm import tqdm
 
 import diffusion
+import sharding
 import t5_encoder
 from efficient_unet import EfficientUNet, EfficientUNetConfig
 from unet import UNet, UNetConfig
@@ -337,6 +338,13 @@ def generate(stages, encoder, tokenizer, prompts, settings, seed=0, batch_size=8
     check_text_width(stages, encoder)
     text_length = text_length or stages[0].config.text_length
     t5_encoder.warn_if_cut(tokenizer, prompts, text_length)  # the prompts given, not the padded batch
+    # data-parallel over every device when the batch splits evenly (the weights replicated)
+    mesh = sharding.make_mesh()
+    split = mesh.size > 1 and batch_size % mesh.size == 0
+    if split:
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        stages = [dataclasses.replace(s, model=nnx.merge(g, jax.device_put(w, replicated)))
+                  for s, (g, w) in ((s, nnx.split(s.model)) for s in stages)]
     out = []
     batches = range(0, len(prompts), batch_size)
     shared = hasattr(progress, "advance")  # a bar of a longer job (demo.Progress): it counts batches
@@ -345,10 +353,13 @@ def generate(stages, encoder, tokenizer, prompts, settings, seed=0, batch_size=8
         n = len(chunk)
         chunk += [""] * (batch_size - n)  # pad the last batch: one compiled shape per stage
         txt_BLD, mask_BL = t5_encoder.encode(encoder, tokenizer, chunk, text_length, warn=False)
+        mask_BL = jnp.asarray(mask_BL)
+        if split:
+            txt_BLD, mask_BL = jax.device_put((txt_BLD, mask_BL), jax.sharding.NamedSharding(mesh, sharding.BATCH))
         x = None
         for s, (stage, st) in enumerate(zip(stages, settings)):
             key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), first_batch + b), s)
-            x = sample_stage(stage, key, txt_BLD, jnp.asarray(mask_BL), st, x)
+            x = sample_stage(stage, key, txt_BLD, mask_BL, st, x)
         out.append(to_uint8(x[:n]))  # memory: only uint8 images stay on the host
         if shared:
             progress.advance(1, f"sampling batch {b + 1}/{len(batches)}")

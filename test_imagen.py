@@ -1116,6 +1116,29 @@ def test_generate_shapes_and_determinism(tiny_cascade, n):
 
 
 @CASCADE
+def test_generate_splits_the_batch_over_devices(tiny_cascade, monkeypatch):
+    # a batch of 8 on the 8 test devices runs data-parallel; it draws the same images as the
+    # same batch on one device, up to the order of float sums
+    stages = checkpoints.load_cascade(tiny_cascade, 2)
+    enc, tok = data.load_text_encoder(stages[0].config.text_encoder)
+    prompts = [shapes.make_example(0, i, 16)[1] for i in range(8)]
+    real, seen = imagen.sample_stage, []
+    monkeypatch.setattr(imagen, "sample_stage", lambda stage, key, txt, *a: seen.append(len(txt.devices())) or
+                        real(stage, key, txt, *a))
+    got = imagen.generate(stages, enc, tok, prompts, [FAST] * 2, seed=1, batch_size=8)
+    assert seen == [8, 8]
+    monkeypatch.undo()
+    txt, mask = T5.encode(enc, tok, prompts, stages[0].config.text_length, warn=False)
+    x = None
+    for s, stage in enumerate(stages):
+        x = imagen.sample_stage(stage, jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(1), 0), s),
+                                txt, jnp.asarray(mask), FAST, x)
+        assert len(x.devices()) == 1
+    want = imagen.to_uint8(x)
+    assert np.abs(got.astype(int) - want).max() <= 1 and np.mean(got != want) < 0.01
+
+
+@CASCADE
 def test_w1_is_one_network_pass_per_step(tiny_cascade, monkeypatch):
     stages = checkpoints.load_cascade(tiny_cascade, 1)
     enc, tok = data.load_text_encoder("demo-t5")
@@ -1439,3 +1462,14 @@ def test_short_demo_end_to_end(tmp_path, capsys):
         assert (tmp_path / f).exists()
     assert result["ceiling"]["colour"][0] >= 0.95
     assert len(result["sweep"]) == len(demo.SWEEP)
+
+
+def test_demo_asks_for_one_cpu_device_per_core(monkeypatch):
+    # read when JAX starts its backend (already started here, so this process is not changed)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true")
+    demo.use_every_core()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_thunk_runtime=true --xla_force_host_platform_device_count=4"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    demo.use_every_core()  # a device count already asked for is kept
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
