@@ -77,7 +77,7 @@ class TrainConfig:
 
 # demo: minutes on 2 CPU cores; the learning rate decays over each stage's own steps.
 # Adam for the base (docs/demo_experiments.md#the-demo-bases-optimizer-and-guidance); SR aug
-# levels U(0, 0.5) (docs/demo_experiments.md#the-super-resolution-stages).
+# levels U(0, 0.25) (docs/demo_experiments.md#the-super-resolution-stages).
 _demo_sr = TrainConfig(optimizer="adam", lr=3e-3, warmup_steps=20, decay_steps=300, end_lr=1e-4, steps=300,
                        batch_size=64, ema_decay=0.995, max_aug_level=0.25)
 TRAIN_PRESETS = {
