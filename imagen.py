@@ -70,11 +70,13 @@ _F2 = EfficientUNetConfig(block_channels=(128, 256, 512, 1024), block_res_blocks
 # F.3: "as F.2" but without self-attention: explicit text cross-attention instead
 _F3 = dataclasses.replace(_F2, block_self_attn=(False, False, False, False),
                           block_cross_attn=(False, False, False, True))
-_demo_f2 = EfficientUNetConfig(block_channels=(32, 64, 64), block_res_blocks=(1, 1, 2),
-                               block_self_attn=(False, False, True), block_cross_attn=(False, False, False),
+# demo: both super-resolution stages train on crops, so both have F.3's layout (text
+# cross-attention in the last block, no self-attention: a self-attention layer trained on a crop's
+# few positions shifts on the whole image); the first block keeps the full side, not F.2's stride
+# 2; see docs/demo_experiments.md#the-super-resolution-stages
+_demo_sr = EfficientUNetConfig(block_channels=(32, 64, 64), block_res_blocks=(1, 1, 2),
+                               block_self_attn=(False, False, False), block_cross_attn=(False, False, True),
                                num_heads=4, text_dim=t5_encoder.DEMO_T5.d_model, norm_groups=8, emb_mult=4,
-                               # demo: the first block keeps the full side, not F.2's stride 2; see
-                               # docs/demo_experiments.md#the-super-resolution-stages
                                block_strides=(1, 2, 2))
 
 PRESETS = {
@@ -106,26 +108,26 @@ PRESETS = {
             schedule="cosine", paper_params=0, text_encoder="demo-t5", text_length=64,
             prediction="v",  # demo: v, not eps; see docs/demo_experiments.md#why-v-prediction
             unet=UNetConfig(
-                channels=32, channel_mult=(2, 4), num_res_blocks=1, per_head_channels=16,
+                channels=32, channel_mult=(1, 2, 4), num_res_blocks=1, per_head_channels=16,
                 text_dim=t5_encoder.DEMO_T5.d_model, norm_groups=8, emb_mult=4,
-                # demo: self-attention only at 8x8, text-only attention at 16x16, a 2x2 patch and
+                # demo: three levels (32, 64, 128 channels at 16x16, 8x8, 4x4), self-attention
+                # with the text only at 8x8, text-only attention at 16x16 and 4x4, a 2x2 patch and
                 # parameter-free resampling, for speed on CPU; see
-                # docs/demo_experiments.md#the-faster-base and #text-attention-at-16x16
-                attn_resolutions=(8,), text_cross_attn_res=(16, 8), patch_size=2,
+                # docs/demo_experiments.md#the-demos-time-on-2-avx2-cores
+                attn_resolutions=(8,), text_cross_attn_res=(16, 8, 4), patch_size=2,
                 resblock_updown=False)),
         "sr1": StageConfig(
-            # demo: trains on 32x32 crops of its 64x64 outputs, like F.3 (§2.5); see
+            # demo: trains on 16x16 crops of its 64x64 outputs, like F.3 (§2.5); see
             # docs/demo_experiments.md#the-super-resolution-stages
-            preset="demo", name="sr1", section="demo of App. F.2", side=64, lowres_side=32, train_side=32,
+            preset="demo", name="sr1", section="demo of App. F.2", side=64, lowres_side=32, train_side=16,
             schedule="cosine", paper_params=0, text_encoder="demo-t5", text_length=64, prediction="v",
-            unet=_demo_f2),
+            unet=_demo_sr),
         "sr2": StageConfig(
-            # demo: the cosine schedule, not F.3's linear one; see
+            # demo: 16x16 crops; the cosine schedule, not F.3's linear one; see
             # docs/demo_experiments.md#the-super-resolution-stages
-            preset="demo", name="sr2", section="demo of App. F.3", side=128, lowres_side=64, train_side=32,
+            preset="demo", name="sr2", section="demo of App. F.3", side=128, lowres_side=64, train_side=16,
             schedule="cosine", paper_params=0, text_encoder="demo-t5", text_length=64, prediction="v",
-            unet=dataclasses.replace(_demo_f2, block_self_attn=(False, False, False),
-                                     block_cross_attn=(False, False, True))),  # as F.3 to F.2
+            unet=_demo_sr),
     },
 }
 STAGE_NAMES = ("base", "sr1", "sr2")
@@ -146,7 +148,7 @@ class SampleSettings:
     aug_level: float = 0.3
 
 
-_demo_sr = SampleSettings(guidance=1.0, steps=15, threshold="static", aug_level=0.0)
+_demo_sr_sampling = SampleSettings(guidance=1.0, steps=6, threshold="static", aug_level=0.0)
 SAMPLING = {
     # the paper's sample figures: w = 5 (Fig. A.10), aug level 0.3 (App. D.2's "best samples",
     # Fig. A.12), dynamic thresholding at p = 99.5 (§2.3, Fig. A.10)
@@ -158,10 +160,10 @@ SAMPLING = {
     "coco-fid": {"base": SampleSettings(guidance=1.35, steps=100),
                  "sr1": SampleSettings(guidance=8.0, steps=50, aug_level=0.0)},
     # demo: static thresholding (docs/demo_experiments.md#why-static-thresholding); base w = 3
-    # (#the-demo-bases-optimizer-and-guidance); SR stages unguided, no augmentation, 15 steps
+    # (#the-demo-bases-optimizer-and-guidance); SR stages unguided, no augmentation, 6 steps
     # (#the-super-resolution-stages)
-    "demo": {"base": SampleSettings(guidance=3.0, steps=50, threshold="static"), "sr1": _demo_sr,
-             "sr2": _demo_sr},
+    "demo": {"base": SampleSettings(guidance=3.0, steps=50, threshold="static"), "sr1": _demo_sr_sampling,
+             "sr2": _demo_sr_sampling},
 }
 
 
