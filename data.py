@@ -25,6 +25,7 @@ readable example in index order and counted, so every batch is full and determin
 import argparse
 import collections
 import dataclasses
+import functools
 import glob
 import hashlib
 import io
@@ -68,6 +69,11 @@ class ShapesSource:
 
     def caption(self, i):
         return shapes.make_example(self.seed, i)[1]
+
+    def captions(self):
+        """Every caption it can draw (the grammar's, held-out ones excluded): a small finite set,
+        so the text encoder runs on each once (text_cache.CaptionTable), not once per example."""
+        return [c for c in shapes.all_captions() if not shapes.is_heldout(c)]
 
     def load(self, i):
         img, caption, _, _ = shapes.make_example(self.seed, i)
@@ -382,7 +388,13 @@ def load_text_encoder(name: str, dtype=jnp.float32):
     """The text encoder a stage config names -> (encoder, tokenizer): a T5 v1.1 checkpoint
     directory (t5_encoder.load_t5), or "demo-t5", the demo's random encoder, whose output
     whitening is fitted on the demo dataset's training captions (the shapes grammar's, held-out
-    ones excluded)."""
+    ones excluded). The last one loaded is kept: the demo's three stages and its evaluation
+    share one load (frozen, so nothing changes it)."""
+    return _load_text_encoder(name, jnp.dtype(dtype))
+
+
+@functools.lru_cache(maxsize=1)
+def _load_text_encoder(name, dtype):
     texts = [c for c in shapes.all_captions() if not shapes.is_heldout(c)] if name == "demo-t5" else None
     return t5_encoder.load_text_encoder(name, dtype, whitening_texts=texts)
 

@@ -23,6 +23,7 @@ import json
 import os
 import time
 
+import jax
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -40,6 +41,7 @@ EVAL_SEED = 1000  # new seeds: the evaluation never shares an image with trainin
 SWEEP = (1.0, 2.0, 3.0, 5.0, 7.0, 10.0)  # guidance weights (the paper sweeps 1-10, App. D)
 TARGETS = {"colour": 0.90, "position": 0.75, "count": 0.60}
 EVAL_BATCH = 32  # captions per sampling batch
+N_EVAL = 128  # held-out examples sampled through the cascade (125 held-out captions, new seeds)
 
 
 def heldout_examples(n, size):
@@ -141,7 +143,7 @@ class Progress:
         self.bar.close()
 
 
-def evaluate(workdir, sampling, n_eval=64, n_sweep=32, batch_size=32, seed=0, progress=True):
+def evaluate(workdir, sampling, n_eval=N_EVAL, n_sweep=32, batch_size=32, seed=0, progress=True):
     """Sample the trained cascade (sampling: SampleSettings by stage name); -> the numbers."""
     batch_size = min(batch_size, n_eval)
     stages = checkpoints.load_cascade(workdir, 3)
@@ -242,8 +244,14 @@ def write_report(workdir, result, settings, stages, train_seconds):
         f.write("\n".join(lines) + "\n")
 
 
-def main(workdir="runs/demo", stage_configs=None, tcfgs=None, sampling=None, n_eval=64, n_sweep=32):
-    """Train the three demo stages (resuming if interrupted), evaluate, write the report."""
+def main(workdir="runs/demo", stage_configs=None, tcfgs=None, sampling=None, n_eval=N_EVAL, n_sweep=32,
+         keep_compiled=False):
+    """Train the three demo stages (resuming if interrupted), evaluate, write the report.
+    keep_compiled: JAX's compilation cache in WORKDIR/compiled, so that the 64->128 stage reads
+    back the training step of the 32->64 stage (the same network on the same crops: the same
+    program) instead of compiling it again, and a resumed run skips its compiles."""
+    if keep_compiled:
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(workdir, "compiled")))
     stage_configs = stage_configs or {k: imagen.with_backend(v, imagen.backend()) for k, v in imagen.PRESETS["demo"].items()}
     tcfgs = tcfgs or train.TRAIN_PRESETS["demo"]
     sampling = sampling or imagen.SAMPLING["demo"]
@@ -290,7 +298,7 @@ def cli(argv=None):
     p.add_argument("--workdir", default="runs/demo")
     args = p.parse_args(argv)
     use_every_core()
-    return main(args.workdir)
+    return main(args.workdir, keep_compiled=True)
 
 
 if __name__ == "__main__":

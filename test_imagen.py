@@ -485,7 +485,7 @@ def test_demo_t5_encodes_which_colour_comes_first():
     lam = np.linalg.eigvalsh(np.cov(x.T))
     assert np.abs(x.mean(0)).max() < 1e-3 and lam.max() < 1.0 and lam.max() / lam.min() < 20
     # deterministic: the same weights on every call
-    again, _ = data.load_text_encoder("demo-t5")
+    again, _ = data._load_text_encoder.__wrapped__("demo-t5", jnp.float32)  # a fresh load, not the kept one
     np.testing.assert_array_equal(T5.encode(enc, tok, pair, 64)[0], T5.encode(again, tok, pair, 64)[0])
 
 
@@ -805,6 +805,26 @@ def _losses(workdir):
         return [(r["step"], r["loss"]) for r in map(json.loads, f)]
 
 
+def test_caption_table_equals_the_encoder_in_the_step(tmp_path, monkeypatch):
+    # the shapes captions are encoded once up front (text_cache.CaptionTable): the embeddings
+    # the encoder gives for those captions, and training on them gives the losses of a run that
+    # encodes every batch inside the step (a dataset without a caption list)
+    enc, tok = data.load_text_encoder("demo-t5")
+    caps = data.ShapesSource().captions()
+    table = text_cache.CaptionTable(enc, tok, caps[:200], 64, chunk=64)
+    emb, mask = table.embeddings({"caption": [caps[150], caps[3]]})
+    ref_emb, ref_mask = T5.encode(enc, tok, [caps[150], caps[3]], 64)
+    np.testing.assert_array_equal(mask, ref_mask)
+    np.testing.assert_allclose(emb, ref_emb, atol=1e-5)
+    with pytest.raises(ValueError, match="'a blue sky' is not one of the dataset's captions"):
+        table.embeddings({"caption": [caps[0], "a blue sky"]})
+    _train(tmp_path / "table", 3)
+    monkeypatch.delattr(data.ShapesSource, "captions")
+    _train(tmp_path / "in_step", 3)
+    np.testing.assert_allclose([l for _, l in _losses(tmp_path / "in_step")],
+                               [l for _, l in _losses(tmp_path / "table")], rtol=1e-5)
+
+
 
 
 def test_stopped_and_resumed_on_other_meshes_equals_uninterrupted(tmp_path, monkeypatch):
@@ -1046,7 +1066,7 @@ def test_train_cli_needs_a_stage_and_the_demo_cli_takes_a_workdir(monkeypatch, t
     with pytest.raises(SystemExit, match="add --stage"):
         train.main(["--steps", "3"])
     calls = []
-    monkeypatch.setattr(demo, "main", lambda workdir: calls.append(workdir))
+    monkeypatch.setattr(demo, "main", lambda workdir, **kw: calls.append(workdir))
     demo.cli([])
     demo.cli(["--workdir", str(tmp_path)])
     assert calls == ["runs/demo", str(tmp_path)]

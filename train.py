@@ -234,8 +234,8 @@ def global_batch(stream, stage, text, mesh):
     b = next(stream)
     local_B = len(b["image"])
     tokenizer, cache = text[:2]
-    if cache is not None:
-        emb, mask = cache[b["index"]]
+    if cache is not None:  # a text_cache.TextCache or CaptionTable
+        emb, mask = cache.embeddings(b)
         local = {"text_emb": emb[:, :stage.text_length], "text_mask": mask[:, :stage.text_length]}
     else:  # encoded inside the step
         local = dict(zip(("tokens", "text_mask"), t5_encoder.tokenize(tokenizer, b["caption"], stage.text_length)))
