@@ -160,7 +160,7 @@ SAMPLING = {
     "coco-fid": {"base": SampleSettings(guidance=1.35, steps=100),
                  "sr1": SampleSettings(guidance=8.0, steps=50, aug_level=0.0)},
     # demo: static thresholding (docs/demo_experiments.md#why-static-thresholding); base w = 3
-    # (#the-demo-bases-optimizer-and-guidance) in 20 DDIM steps (#the-demos-time-on-2-avx2-cores);
+    # (#the-demo-bases-optimizer-and-guidance) in 20 DDIM steps (#cutting-what-is-not-the-base);
     # SR stages unguided, no augmentation, 6 steps (#the-super-resolution-stages)
     "demo": {"base": SampleSettings(guidance=3.0, steps=20, sampler="ddim", threshold="static"),
              "sr1": _demo_sr_sampling, "sr2": _demo_sr_sampling},
