@@ -73,7 +73,7 @@ class ShapesSource:
     def captions(self):
         """Every caption it can draw (the grammar's, held-out ones excluded): a small finite set,
         so the text encoder runs on each once (text_cache.CaptionTable), not once per example."""
-        return [c for c in shapes.all_captions() if not shapes.is_heldout(c)]
+        return shapes.training_captions()
 
     def load(self, i):
         img, caption, _, _ = shapes.make_example(self.seed, i)
@@ -395,7 +395,7 @@ def load_text_encoder(name: str, dtype=jnp.float32):
 
 @functools.lru_cache(maxsize=1)
 def _load_text_encoder(name, dtype):
-    texts = [c for c in shapes.all_captions() if not shapes.is_heldout(c)] if name == "demo-t5" else None
+    texts = shapes.training_captions() if name == "demo-t5" else None
     return t5_encoder.load_text_encoder(name, dtype, whitening_texts=texts)
 
 

@@ -148,6 +148,11 @@ def is_heldout(caption: str) -> bool:
     return zlib.crc32(caption.encode()) % 10 == 0
 
 
+def training_captions() -> list[str]:
+    """The captions make_example(split="train") draws: all_captions() but the held-out ones (1009)."""
+    return [c for c in all_captions() if not is_heldout(c)]
+
+
 def make_example(seed: int, index: int, size: int = 128, split: str = "train"):
     """Example `index` of the dataset of `seed`: (PIL image, caption, spec, boxes).
     split "train" never gives a held-out caption, split "heldout" only gives those."""
