@@ -117,15 +117,15 @@ PRESETS = {
                 attn_resolutions=(8,), text_cross_attn_res=(16, 8, 4), patch_size=2,
                 resblock_updown=False)),
         "sr1": StageConfig(
-            # demo: trains on 16x16 crops of its 64x64 outputs, like F.3 (§2.5); see
+            # demo: trains on 32x32 crops of its 64x64 outputs, like F.3 (§2.5); see
             # docs/demo_experiments.md#the-super-resolution-stages
-            preset="demo", name="sr1", section="demo of App. F.2", side=64, lowres_side=32, train_side=16,
+            preset="demo", name="sr1", section="demo of App. F.2", side=64, lowres_side=32, train_side=32,
             schedule="cosine", paper_params=0, text_encoder="demo-t5", text_length=64, prediction="v",
             unet=_demo_sr),
         "sr2": StageConfig(
-            # demo: 16x16 crops; the cosine schedule, not F.3's linear one; see
+            # demo: 32x32 crops; the cosine schedule, not F.3's linear one; see
             # docs/demo_experiments.md#the-super-resolution-stages
-            preset="demo", name="sr2", section="demo of App. F.3", side=128, lowres_side=64, train_side=16,
+            preset="demo", name="sr2", section="demo of App. F.3", side=128, lowres_side=64, train_side=32,
             schedule="cosine", paper_params=0, text_encoder="demo-t5", text_length=64, prediction="v",
             unet=_demo_sr),
     },

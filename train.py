@@ -77,9 +77,9 @@ class TrainConfig:
 
 # demo: minutes on 2 CPU cores; the learning rate decays over each stage's own steps.
 # Adam for the base (docs/demo_experiments.md#the-demo-bases-optimizer-and-guidance); SR aug
-# levels U(0, 0.1) (docs/demo_experiments.md#the-super-resolution-stages).
+# levels U(0, 0.1), 16 crops of 32x32 per batch (docs/demo_experiments.md#the-super-resolution-stages).
 _demo_sr = TrainConfig(optimizer="adam", lr=3e-3, warmup_steps=20, decay_steps=200, end_lr=1e-4, steps=200,
-                       batch_size=64, ema_decay=0.995, max_aug_level=0.1)
+                       batch_size=16, ema_decay=0.995, max_aug_level=0.1)
 TRAIN_PRESETS = {
     "paper": {"base": TrainConfig(optimizer="adafactor"), "sr1": TrainConfig(), "sr2": TrainConfig()},
     "demo": {"base": TrainConfig(optimizer="adam", lr=2e-3, warmup_steps=20, decay_steps=1500, end_lr=2e-4,
