@@ -41,7 +41,8 @@ def build_text_cache(encoder, tokenizer, source, out_dir, *, encoder_name, max_l
     encoder or length, or half built by another number of hosts, is refused. Reads only this
     host's captions."""
     if source.kind == "shapes":
-        raise SystemExit("--text-cache: the shapes dataset is unbounded; encode in the step instead")
+        raise SystemExit("--text-cache: the shapes dataset needs no cache: its captions are encoded once "
+                         "when training starts (CaptionTable). Drop --text-cache.")
     h, P, n = process_index, process_count, len(source)
     meta = {"n": n, "hosts": P, "max_length": max_length, "dim": encoder.cfg.d_model, "encoder": encoder_name,
             "source": source.fingerprint()}
