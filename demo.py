@@ -5,15 +5,21 @@
 The "demo" preset of imagen.PRESETS: a base U-Net and two Efficient U-Net super-resolution
 stages (32 -> 64 -> 128) with the paper's structure (classifier-free guidance training,
 noise-conditioning augmentation, static and dynamic thresholding), trained by train.py on the
-synthetic captioned shapes of shapes.py and conditioned on a tiny T5 v1.1 encoder with random
-frozen weights (the same code loads real T5 checkpoints). Where the demo departs from the paper
+synthetic captioned shapes of shapes.py and conditioned on a small T5 v1.1 encoder pretrained
+on text only by pretrain_t5.py and frozen (encoders/t5-wordnet-base, loaded by the code that
+loads google/t5-v1_1-xxl). Where the demo departs from the paper
 (v-prediction, static thresholding, ...) imagen.py and train.py mark it and link the evidence
 in docs/demo_experiments.md. Then it writes WORKDIR/report.md:
   - colour / count / position accuracy on held-out captions and new seeds, through the full
     cascade at sample.py's default settings, with the detector's score on real images as the
     ceiling (the skills of DrawBench, §4.4);
   - a guidance sweep, alignment vs a fidelity proxy, like the paper's Pareto curves (Fig. 4);
-  - none / static / dynamic thresholding at a high guidance weight side by side (Fig. A.10).
+  - none / static / dynamic thresholding at a high guidance weight side by side (Fig. A.10);
+  - prompts outside the caption grammar (other words for the relations, digits, colour
+    synonyms), scored by the same detector as the grammar captions they mean.
+
+  python demo.py --text-encoder random:t5-wordnet-base --workdir runs/demo_random
+trains the same cascade on the same encoder architecture with T5's random initialisation.
 """
 
 import argparse
@@ -33,6 +39,7 @@ import cli as command_line
 import data
 import imagen
 import shapes
+import t5_encoder
 import train
 from evaluate import plot_curve
 from sample import grid
@@ -42,6 +49,26 @@ SWEEP = (1.0, 2.0, 3.0, 5.0, 7.0, 10.0)  # guidance weights (the paper sweeps 1-
 TARGETS = {"colour": 0.90, "position": 0.75, "count": 0.60}
 EVAL_BATCH = 32  # captions per sampling batch
 N_EVAL = 128  # held-out examples sampled through the cascade (125 held-out captions, new seeds)
+
+
+# Prompts the caption grammar never has, each with the grammar caption that says the same and
+# that the detector scores it by: what an encoder that learnt English from text can bring and
+# a random one cannot. Reported, no target.
+NEW_LANGUAGE = {
+    "relation": [("a red circle to the left of a blue square", "a red circle on the left of a blue square"),
+                 ("a green triangle to the right of a yellow circle", "a green triangle on the right of a yellow circle"),
+                 ("a purple square over an orange triangle", "a purple square above an orange triangle"),
+                 ("a blue circle beneath a red square", "a blue circle below a red square"),
+                 ("a yellow square under a green circle", "a yellow square below a green circle"),
+                 ("an orange circle on top of a blue triangle", "an orange circle above a blue triangle")],
+    "digit": [("2 red squares", "two red squares"), ("3 green circles", "three green circles"),
+              ("2 purple triangles", "two purple triangles"), ("3 orange squares", "three orange squares")],
+    "colour synonym": [("a crimson circle", "a red circle"), ("a scarlet square", "a red square"),
+                       ("a violet triangle", "a purple triangle"), ("an azure circle", "a blue circle"),
+                       ("an emerald square", "a green square"), ("a golden triangle", "a yellow triangle"),
+                       ("a lemon circle", "a yellow circle"), ("a tangerine square", "an orange square")],
+}
+NEW_LANGUAGE_SEEDS = 2  # samples per prompt
 
 
 def heldout_examples(n, size):
@@ -119,7 +146,10 @@ class Progress:
                                     for n in imagen.STAGE_NAMES)
         self.units["sweep"] = fwd("base", stage_configs["base"].side, min(batch_size, n_sweep), 2 * sampling["base"].steps)
         self.units["thresholding"] = fwd("base", stage_configs["base"].side, 8, 2 * sampling["base"].steps)
-        total = (sum(self.units[n] * tcfgs[n].steps for n in imagen.STAGE_NAMES) + self.units["cascade"] * -(-n_eval // B)
+        self.units["language"] = self.units["cascade"]
+        n_language = NEW_LANGUAGE_SEEDS * sum(map(len, NEW_LANGUAGE.values()))
+        total = (sum(self.units[n] * tcfgs[n].steps for n in imagen.STAGE_NAMES)
+                 + self.units["cascade"] * (-(-n_eval // B) + -(-n_language // B))
                  + self.units["sweep"] * len(SWEEP) * -(-n_sweep // min(batch_size, n_sweep)) + self.units["thresholding"] * 3)
         # smoothing=0: the mean rate so far (steps are queued in bursts, which a moving average over-weights)
         self.bar = tqdm(total=total, unit="GFLOP", dynamic_ncols=True, smoothing=0,
@@ -192,9 +222,26 @@ def evaluate(workdir, sampling, n_eval=N_EVAL, n_sweep=32, batch_size=32, seed=0
         thresh[mode] = {"purity": purity(imgs), "mean_abs_saturation": float(np.mean((imgs == 0) | (imgs == 255)))}
     grid(np.concatenate(rows), cols=8).save(os.path.join(workdir, "thresholding.png"))
     result["thresholding"] = thresh
+
+    # prompts outside the grammar, through the cascade, scored as the captions they mean
+    pairs = [(g, p, c) for g, group in NEW_LANGUAGE.items() for p, c in group] * NEW_LANGUAGE_SEEDS
+    start("language", "prompts outside the grammar")
+    imgs = imagen.generate(stages, enc, tok, [p for _, p, _ in pairs], settings, seed + 1, batch_size, progress=progress)
+    result["new_language"] = {g: alignment([i for i, (gg, _, _) in zip(imgs, pairs) if gg == g],
+                                           [c for gg, _, c in pairs if gg == g]) for g in NEW_LANGUAGE}
+    n = len(pairs) // NEW_LANGUAGE_SEEDS
+    grid(imgs[:n], cols=6).save(os.path.join(workdir, "new_language.png"))
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result, settings, stages
+
+
+def encoder_note(name):
+    if name == "demo-t5":
+        return "T5 v1.1 architecture, random frozen weights, tuned and whitened"
+    if name.startswith(t5_encoder.RANDOM_PREFIX):
+        return "T5 v1.1 architecture at T5's random initialisation, frozen"
+    return "T5 v1.1 pretrained on text only by pretrain_t5.py, frozen"
 
 
 def write_report(workdir, result, settings, stages, train_seconds):
@@ -202,7 +249,7 @@ def write_report(workdir, result, settings, stages, train_seconds):
     lines = ["# Demo report", "",
              f"Cascade: {' -> '.join(str(s.config.side) for s in stages)}; checkpoints at steps "
              f"{', '.join(f'{s.config.name} {s.step}' for s in stages)}; text encoder "
-             f"{stages[0].config.text_encoder!r} (T5 v1.1 architecture, random frozen weights).",
+             f"{stages[0].config.text_encoder!r} ({encoder_note(stages[0].config.text_encoder)}).",
              f"Training time: {', '.join(f'{k} {v / 60:.1f} min' for k, v in train_seconds.items())}; "
              f"sampling the {result['cascade']['colour'][1]} held-out captions through the cascade: "
              f"{result['seconds_sampling'] / 60:.1f} min.",
@@ -240,19 +287,39 @@ def write_report(workdir, result, settings, stages, train_seconds):
               "| thresholding | purity | fraction of saturated (0 or 255) values |", "| --- | --- | --- |"]
     for mode, v in result["thresholding"].items():
         lines.append(f"| {mode} | {v['purity']:.3f} | {v['mean_abs_saturation']:.3f} |")
+    lines += ["", "## Prompts outside the caption grammar", "",
+              "Other words for the relations, digits and colour synonyms, never in the training captions "
+              f"(demo.NEW_LANGUAGE), {NEW_LANGUAGE_SEEDS} samples each through the cascade, scored as the "
+              "grammar caption they mean. No target.", "",
+              "| prompts | samples | colour | count | position |", "| --- | --- | --- | --- | --- |"]
+    for group, acc in result["new_language"].items():
+        cell = lambda k: f"{acc[k][0]:.0%}" if acc[k][1] else "-"
+        lines.append(f"| {group} (e.g. \"{NEW_LANGUAGE[group][0][0]}\") | {acc['colour'][1]} | {cell('colour')} | "
+                     f"{cell('count')} | {cell('position')} |")
+    lines += ["", "![prompts outside the grammar, one sample each, in the order of demo.NEW_LANGUAGE](new_language.png)"]
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
+def with_text_encoder(stage_configs, name):
+    """The stages conditioned on another text encoder: its name, and its width as the U-Nets' text_dim."""
+    width = t5_encoder.abstract_encoder(name).cfg.d_model
+    return {k: dataclasses.replace(c, text_encoder=name, unet=dataclasses.replace(c.unet, text_dim=width))
+            for k, c in stage_configs.items()}
+
+
 def main(workdir="runs/demo", stage_configs=None, tcfgs=None, sampling=None, n_eval=N_EVAL, n_sweep=32,
-         keep_compiled=False):
+         keep_compiled=False, text_encoder=None):
     """Train the three demo stages (resuming if interrupted), evaluate, write the report.
     keep_compiled: JAX's compilation cache in WORKDIR/compiled, so that the 64->128 stage reads
     back the training step of the 32->64 stage (the same network on the same crops: the same
-    program) instead of compiling it again, and a resumed run skips its compiles."""
+    program) instead of compiling it again, and a resumed run skips its compiles.
+    text_encoder: another encoder than the preset's (a name in encoders/, random:NAME, a directory)."""
     if keep_compiled:
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(workdir, "compiled")))
     stage_configs = stage_configs or {k: imagen.with_backend(v, imagen.backend()) for k, v in imagen.PRESETS["demo"].items()}
+    if text_encoder:
+        stage_configs = with_text_encoder(stage_configs, text_encoder)
     tcfgs = tcfgs or train.TRAIN_PRESETS["demo"]
     sampling = sampling or imagen.SAMPLING["demo"]
     train_seconds = {}
@@ -280,25 +347,15 @@ def main(workdir="runs/demo", stage_configs=None, tcfgs=None, sampling=None, n_e
     return result
 
 
-def use_every_core():
-    """One XLA CPU device per core (a power of two, at most 8), so that each training batch and
-    each sampling batch splits data-parallel over the cores: one device keeps 2 cores about 60%
-    busy, two run the demo's base step at 1.27x and its super-resolution steps at 1.48x the
-    images/s (docs/demo_experiments.md#two-cpu-devices). Before JAX starts its backend; a device
-    count already in XLA_FLAGS is kept; accelerators are not affected."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        n = 1 << (min(cores, 8).bit_length() - 1)
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-
-
 def cli(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--text-encoder", default=None,
+                   help=f"default {imagen.DEMO_TEXT_ENCODER}; random:{imagen.DEMO_TEXT_ENCODER} for the untrained "
+                        f"baseline, or another name in encoders/ or a T5 v1.1 checkpoint directory")
     args = p.parse_args(argv)
-    use_every_core()
-    return main(args.workdir, keep_compiled=True)
+    command_line.use_every_core()
+    return main(args.workdir, keep_compiled=True, text_encoder=args.text_encoder)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ class StageConfig:
     schedule: str  # "cosine" (F.1, F.2) or "linear" (F.3); see diffusion.SCHEDULES
     paper_params: float  # the paper's parameter count (§2.5, App. B.1; 0 for the demo)
     prediction: str = "eps"  # the network's target: eps (App. A); "v" only in the demo
-    text_encoder: str = "t5-v1_1-xxl"  # §2.1; a checkpoint directory, or "demo-t5"
+    text_encoder: str = "t5-v1_1-xxl"  # §2.1; see t5_encoder.load_text_encoder
     text_length: int = t5_encoder.MAX_LENGTH  # paper: not specified; 128 T5 tokens
 
     def __post_init__(self):
@@ -70,13 +70,18 @@ _F2 = EfficientUNetConfig(block_channels=(128, 256, 512, 1024), block_res_blocks
 # F.3: "as F.2" but without self-attention: explicit text cross-attention instead
 _F3 = dataclasses.replace(_F2, block_self_attn=(False, False, False, False),
                           block_cross_attn=(False, False, False, True))
+# demo: the random, tuned one-layer T5 of t5_encoder.DEMO_T5 ("demo-t5": ByT5 bytes, 64 of them
+# fit every caption); see docs/demo_experiments.md#the-random-text-encoder, and
+# docs/text_encoder.md for the encoders pretrained on text by pretrain_t5.py
+DEMO_TEXT_ENCODER, DEMO_TEXT_DIM, DEMO_TEXT_LENGTH = "demo-t5", t5_encoder.DEMO_T5.d_model, 64
+
 # demo: both super-resolution stages train on crops, so both have F.3's layout (text
 # cross-attention in the last block, no self-attention: a self-attention layer trained on a crop's
 # few positions shifts on the whole image); the first block keeps the full side, not F.2's stride
 # 2; see docs/demo_experiments.md#the-super-resolution-stages
 _demo_sr = EfficientUNetConfig(block_channels=(32, 64, 64), block_res_blocks=(1, 1, 2),
                                block_self_attn=(False, False, False), block_cross_attn=(False, False, True),
-                               num_heads=4, text_dim=t5_encoder.DEMO_T5.d_model, norm_groups=8, emb_mult=4,
+                               num_heads=4, text_dim=DEMO_TEXT_DIM, norm_groups=8, emb_mult=4,
                                block_strides=(1, 2, 2))
 
 PRESETS = {
@@ -105,11 +110,11 @@ PRESETS = {
     "demo": {
         "base": StageConfig(
             preset="demo", name="base", section="demo of App. F.1", side=32, lowres_side=0, train_side=32,
-            schedule="cosine", paper_params=0, text_encoder="demo-t5", text_length=64,
+            schedule="cosine", paper_params=0, text_encoder=DEMO_TEXT_ENCODER, text_length=DEMO_TEXT_LENGTH,
             prediction="v",  # demo: v, not eps; see docs/demo_experiments.md#why-v-prediction
             unet=UNetConfig(
                 channels=32, channel_mult=(1, 2, 4), num_res_blocks=1, per_head_channels=16,
-                text_dim=t5_encoder.DEMO_T5.d_model, norm_groups=8, emb_mult=4,
+                text_dim=DEMO_TEXT_DIM, norm_groups=8, emb_mult=4,
                 # demo: three levels (32, 64, 128 channels at 16x16, 8x8, 4x4), self-attention
                 # with the text only at 8x8, text-only attention at 16x16 and 4x4, a 2x2 patch and
                 # parameter-free resampling, for speed on CPU; see
@@ -120,13 +125,13 @@ PRESETS = {
             # demo: trains on 32x32 crops of its 64x64 outputs, like F.3 (§2.5); see
             # docs/demo_experiments.md#the-super-resolution-stages
             preset="demo", name="sr1", section="demo of App. F.2", side=64, lowres_side=32, train_side=32,
-            schedule="cosine", paper_params=0, text_encoder="demo-t5", text_length=64, prediction="v",
+            schedule="cosine", paper_params=0, text_encoder=DEMO_TEXT_ENCODER, text_length=DEMO_TEXT_LENGTH, prediction="v",
             unet=_demo_sr),
         "sr2": StageConfig(
             # demo: 32x32 crops; the cosine schedule, not F.3's linear one; see
             # docs/demo_experiments.md#the-super-resolution-stages
             preset="demo", name="sr2", section="demo of App. F.3", side=128, lowres_side=64, train_side=32,
-            schedule="cosine", paper_params=0, text_encoder="demo-t5", text_length=64, prediction="v",
+            schedule="cosine", paper_params=0, text_encoder=DEMO_TEXT_ENCODER, text_length=DEMO_TEXT_LENGTH, prediction="v",
             unet=_demo_sr),
     },
 }

@@ -74,12 +74,17 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * x32.astype(self.weight.dtype)
 
 
-def relative_position_bucket(relative_position, num_buckets, max_distance):
-    """Bidirectional T5 buckets (Raffel et al. 2020, §2.1; HF `_relative_position_bucket`): half
-    the buckets per direction, exact for |d| < num_buckets / 4, logarithmic up to max_distance."""
-    num_buckets //= 2
-    bucket = (relative_position > 0).astype(jnp.int32) * num_buckets
-    d = jnp.abs(relative_position)
+def relative_position_bucket(relative_position, num_buckets, max_distance, bidirectional=True):
+    """T5's buckets (Raffel et al. 2020, §2.1; HF `_relative_position_bucket`): bidirectional
+    (the encoder), half the buckets per direction; or, for a decoder's causal self-attention,
+    all of them for keys before the query. Exact for |d| < buckets / 2 per direction,
+    logarithmic up to max_distance."""
+    if bidirectional:
+        num_buckets //= 2
+        bucket = (relative_position > 0).astype(jnp.int32) * num_buckets
+        d = jnp.abs(relative_position)
+    else:
+        bucket, d = 0, jnp.maximum(-relative_position, 0)
     max_exact = num_buckets // 2
     log_ratio = jnp.log(jnp.maximum(d, 1).astype(jnp.float32) / max_exact) / math.log(max_distance / max_exact)
     large = jnp.minimum(max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32), num_buckets - 1)
@@ -87,12 +92,14 @@ def relative_position_bucket(relative_position, num_buckets, max_distance):
 
 
 class SelfAttention(nnx.Module):
-    def __init__(self, cfg: T5Config, has_relative_bias: bool, dtype, rngs: nnx.Rngs):
+    """T5 attention: self-attention, or attention to `kv_BKD` (a decoder's cross-attention)."""
+
+    def __init__(self, cfg: T5Config, has_relative_bias: bool, dtype, rngs: nnx.Rngs, bidirectional: bool = True):
         inner = cfg.num_heads * cfg.d_kv
         lin = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.q, self.k, self.v = lin(cfg.d_model, inner), lin(cfg.d_model, inner), lin(cfg.d_model, inner)
         self.o = lin(inner, cfg.d_model)
-        self.cfg = cfg
+        self.cfg, self.bidirectional = cfg, bidirectional
         if has_relative_bias:  # only the first layer holds the table; its bias is shared
             self.relative_attention_bias = nnx.Embed(
                 cfg.relative_attention_num_buckets, cfg.num_heads, param_dtype=dtype, rngs=rngs)
@@ -101,15 +108,16 @@ class SelfAttention(nnx.Module):
         pos = jnp.arange(L)
         buckets = relative_position_bucket(pos[None, :] - pos[:, None],  # key - query
                                            self.cfg.relative_attention_num_buckets,
-                                           self.cfg.relative_attention_max_distance)
+                                           self.cfg.relative_attention_max_distance, self.bidirectional)
         return self.relative_attention_bias(buckets).astype(jnp.float32).transpose(2, 0, 1)[None]  # (1, N, L, L)
 
-    def __call__(self, x_BLD, bias_BNLL):
+    def __call__(self, x_BLD, bias_BNLK, kv_BKD=None):
         B, L, _ = x_BLD.shape
-        heads = lambda y: y.reshape(B, L, self.cfg.num_heads, self.cfg.d_kv)
-        q, k, v = heads(self.q(x_BLD)), heads(self.k(x_BLD)), heads(self.v(x_BLD))
+        kv_BKD = x_BLD if kv_BKD is None else kv_BKD
+        heads = lambda y: y.reshape(B, y.shape[1], self.cfg.num_heads, self.cfg.d_kv)
+        q, k, v = heads(self.q(x_BLD)), heads(self.k(kv_BKD)), heads(self.v(kv_BKD))
         # T5 does not scale the logits by 1/sqrt(d_kv); softmax in float32 as in HF T5
-        logits = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) + bias_BNLL
+        logits = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) + bias_BNLK
         attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bnqk,bknh->bqnh", attn, v).reshape(B, L, -1)
         return self.o(out)
@@ -139,7 +147,8 @@ class Block(nnx.Module):
 
 
 class T5Encoder(nnx.Module):
-    """T5 v1.1 encoder: token ids (B, L) int, mask (B, L) bool -> hidden states (B, L, D)."""
+    """T5 v1.1 encoder: token ids (B, L) int, mask (B, L) bool -> hidden states (B, L, D).
+    Flax's default initialisers; t5_initialise redraws the weights as T5 does."""
 
     def __init__(self, cfg: T5Config, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)
@@ -162,6 +171,26 @@ def count_t5_params(cfg: T5Config) -> int:
     """Parameters of the encoder (token embedding included), allocating nothing."""
     abstract = nnx.eval_shape(lambda: T5Encoder(cfg, jnp.bfloat16))
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+def t5_initialise(module: nnx.Module, seed: int = 0):
+    """Redraw every weight of a T5 module (an encoder, or pretrain_t5's encoder-decoder) as T5
+    does (Mesh TensorFlow; HF `T5PreTrainedModel._init_weights`): token embedding N(0, 1); q
+    N(0, 1 / (d_model d_kv)) (the 1 / sqrt(d_kv) T5 leaves out of its logits); k, v, wi, the
+    relative-position bias and an output layer N(0, 1 / d_model); o N(0, 1 / (heads d_kv)); wo
+    N(0, 1 / d_ff); norm scales 1."""
+    cfg = next(m.cfg for _, m in nnx.iter_graph(module) if isinstance(m, T5Encoder))
+    flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
+    keys = jax.random.split(jax.random.key(seed), len(flat))
+    for key, (path, var) in zip(keys, flat):
+        x = var.get_value()
+        if path[-1] == "weight":  # RMSNorm scales
+            continue
+        name = path[-2]  # the layer of a kernel (in, out) or an embedding table
+        std = (1.0 if name == "embed" else cfg.d_model ** -0.5 if name == "relative_attention_bias"
+               else (cfg.d_model * cfg.d_kv) ** -0.5 if name == "q" else x.shape[0] ** -0.5)
+        var.set_value(std * jax.random.normal(key, x.shape, x.dtype))
+    nnx.update(module, nnx.from_flat_state(flat))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +289,31 @@ def load_t5(name_or_path: str, dtype=jnp.bfloat16, download: bool = False):
                              f"implies {var.get_value().shape}.")
         var.set_value(jnp.asarray(arr, dtype))
         del arr
-    return nnx.merge(graphdef, state), load_tokenizer(ckpt)
+    tokenizer = load_tokenizer(ckpt)
+    check_tokenizer(ckpt, tokenizer, cfg, handles.values())
+    return nnx.merge(graphdef, state), tokenizer
+
+
+def spiece_digest(ckpt: str) -> str | None:
+    path = os.path.join(ckpt, "spiece.model")
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def check_tokenizer(ckpt, tokenizer, cfg: T5Config, weight_files=()):
+    """That the tokenizer beside the weights is theirs: its ids fit the embedding table, and the
+    SentencePiece model is the one the weights were trained with where the weights record it
+    (pretrain_t5.py writes its digest as "spiece_sha256" in model.safetensors' metadata)."""
+    fix = "put the tokenizer files of the checkpoint the weights came from beside them"
+    if len(tokenizer) > cfg.vocab_size:
+        raise UserError(f"{ckpt}: the tokenizer has {len(tokenizer)} tokens, the encoder's embedding "
+                        f"{cfg.vocab_size} rows: the tokenizer is another model's; {fix}.")
+    recorded = {(f.metadata() or {}).get("spiece_sha256") for f in weight_files} - {None}
+    if recorded and recorded != {spiece_digest(ckpt)}:
+        raise UserError(f"{ckpt}: spiece.model is not the tokenizer the weights were trained with "
+                        f"(its SHA-256 differs from the one in model.safetensors); {fix}.")
 
 
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json")  # SentencePiece model, or its fast-tokenizer form
@@ -341,27 +394,49 @@ def _texts_digest(texts) -> str:
     return h.hexdigest()
 
 
+# Encoders this project pretrains (pretrain_t5.py) live in encoders/NAME and load by NAME.
+ENCODERS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "encoders")
+RANDOM_PREFIX = "random:"  # "random:NAME": NAME's architecture and tokenizer, at T5's initialisation
+
+
+def resolve(name: str) -> str:
+    """A text encoder's name -> its checkpoint directory: a directory as given, or NAME in
+    ENCODERS_DIR (e.g. "t5-wordnet-base", the demo's). Anything else is returned unchanged."""
+    name = name.removeprefix(RANDOM_PREFIX)
+    if not os.path.isdir(name) and os.path.isdir(os.path.join(ENCODERS_DIR, name)):
+        return os.path.join(ENCODERS_DIR, name)
+    return name
+
+
 def load_text_encoder(name: str, dtype=jnp.float32, whitening_texts=None):
-    """"demo-t5" -> the random tiny demo encoder (whitened on whitening_texts) + ByT5 tokenizer;
-    anything else -> load_t5 (a checkpoint directory such as one holding google/t5-v1_1-xxl)."""
+    """The text encoder a stage config names -> (encoder, tokenizer): load_t5 of resolve(name);
+    "random:NAME": NAME's config and tokenizer at T5's initialisation (t5_initialise, seed 0),
+    frozen, the baseline of an encoder that learnt nothing from text; "demo-t5": the random
+    tiny demo encoder (whitened on whitening_texts) + ByT5 tokenizer."""
     if name == "demo-t5":
         if not whitening_texts:
             raise ValueError("demo-t5 needs the captions to fit its whitening on (whitening_texts)")
         return demo_t5(whitening_texts, dtype), ByT5Tokenizer()
-    return load_t5(name, dtype)
+    if name.startswith(RANDOM_PREFIX):
+        ckpt = resolve(name)
+        encoder = T5Encoder(config_from_hf(ckpt), dtype)
+        t5_initialise(encoder, 0)
+        return encoder, load_tokenizer(ckpt)
+    return load_t5(resolve(name), dtype)
 
 
 def abstract_encoder(name: str, dtype=jnp.float32) -> T5Encoder:
     """The encoder `name` (as load_text_encoder reads it) as ShapeDtypeStructs, allocating and
-    reading nothing but config.json: a checkpoint directory, a T5_PRESETS name (the directory's
-    basename too, e.g. ckpt/t5-v1_1-xxl), or "demo-t5"."""
+    reading nothing but config.json: a checkpoint directory, a name in ENCODERS_DIR, a
+    T5_PRESETS name (the directory's basename too, e.g. ckpt/t5-v1_1-xxl), or "demo-t5"."""
     if name == "demo-t5":
         return nnx.eval_shape(lambda: WhitenedT5Encoder(DEMO_T5, dtype))
-    cfg = (config_from_hf(name) if os.path.isdir(name) else
-           T5_PRESETS.get(os.path.basename(name.rstrip("/")).removeprefix("google/")))
+    path = resolve(name)
+    cfg = (config_from_hf(path) if os.path.isdir(path) else
+           T5_PRESETS.get(os.path.basename(path.rstrip("/")).removeprefix("google/")))
     if cfg is None:
         raise FileNotFoundError(f"text encoder {name!r}: not a checkpoint directory, nor one of "
-                                f"{sorted(T5_PRESETS)}")
+                                f"{sorted(T5_PRESETS)} or {sorted(os.listdir(ENCODERS_DIR))}")
     return nnx.eval_shape(lambda: T5Encoder(cfg, dtype))
 
 

