@@ -598,6 +598,43 @@ def test_pretraining_lowers_heldout_loss_resumes_and_loads_as_t5(tmp_path, monke
         T5.load_t5(str(other))
 
 
+def test_committed_pretrained_encoder_reads_word_order():
+    # encoders/t5-wordnet-small, made by `python pretrain_t5.py --size small --steps 3000` and
+    # loaded by name through load_t5: a linear probe on its mean-pooled embeddings reads the
+    # colour of the left / upper object of held-out position captions far better than the same
+    # architecture at T5's initialisation (measured 80% against 27%; chance 17%)
+    import pretrain_t5
+    from safetensors import safe_open
+    path = T5.resolve("t5-wordnet-small")
+    assert path == os.path.join(T5.ENCODERS_DIR, "t5-wordnet-small")
+    with safe_open(os.path.join(path, "model.safetensors"), "np") as f:
+        meta = f.metadata()
+    assert meta["pretrain_steps"] == "3000" and float(meta["heldout_loss"]) < 3.7
+    cols = list(shapes.PALETTE)
+    caps = [c for c in shapes.all_captions() if shapes.parse_caption(c)["kind"] == "position"]
+    left = lambda s: s["objects"][0 if s["relation"] in ("on the left of", "above") else 1][0]
+    y = np.array([cols.index(left(shapes.parse_caption(c))) for c in caps])
+    test = np.array([shapes.is_heldout(c) for c in caps])
+
+    def probe(name):
+        enc, tok = T5.load_text_encoder(name)
+        assert enc.cfg == pretrain_t5.SIZES["small"]
+        emb, mask = T5.encode(enc, tok, caps, 16)
+        x = (np.asarray(emb) * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+        x = (x - x[~test].mean(0)) / (x[~test].std(0) + 1e-6)
+        w, b = np.zeros((x.shape[1], 6)), np.zeros(6)
+        for _ in range(2000):  # softmax regression, full-batch gradient descent
+            z = x[~test] @ w + b
+            p = np.exp(z - z.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            p[np.arange(len(p)), y[~test]] -= 1
+            w -= 0.5 * (x[~test].T @ p / len(p) + 1e-3 * w)
+            b -= 0.5 * p.mean(0)
+        return float(((x[test] @ w + b).argmax(1) == y[test]).mean())
+
+    assert probe("t5-wordnet-small") > 0.6 > 0.4 > probe(T5.RANDOM_PREFIX + "t5-wordnet-small")
+
+
 def test_t5_param_counts_allocate_nothing(tiny_t5_dir):
 
     # the count agrees with transformers' own model of the same config
