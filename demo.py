@@ -5,9 +5,9 @@
 The "demo" preset of imagen.PRESETS: a base U-Net and two Efficient U-Net super-resolution
 stages (32 -> 64 -> 128) with the paper's structure (classifier-free guidance training,
 noise-conditioning augmentation, static and dynamic thresholding), trained by train.py on the
-synthetic captioned shapes of shapes.py and conditioned on a small T5 v1.1 encoder pretrained
-on text only by pretrain_t5.py and frozen (encoders/t5-wordnet-base, loaded by the code that
-loads google/t5-v1_1-xxl). Where the demo departs from the paper
+synthetic captioned shapes of shapes.py and conditioned on a tiny T5 v1.1 encoder with random
+frozen weights (the same code loads real T5 checkpoints; a T5 pretrained on text, as §2.1's, does
+not bind colour to side as well yet: docs/text_encoder.md). Where the demo departs from the paper
 (v-prediction, static thresholding, ...) imagen.py and train.py mark it and link the evidence
 in docs/demo_experiments.md. Then it writes WORKDIR/report.md:
   - colour / count / position accuracy on held-out captions and new seeds, through the full
@@ -18,8 +18,9 @@ in docs/demo_experiments.md. Then it writes WORKDIR/report.md:
   - prompts outside the caption grammar (other words for the relations, digits, colour
     synonyms), scored by the same detector as the grammar captions they mean.
 
-  python demo.py --text-encoder random:t5-wordnet-base --workdir runs/demo_random
-trains the same cascade on the same encoder architecture with T5's random initialisation.
+  python demo.py --text-encoder t5-wordnet-small --workdir runs/demo_pretrained
+trains the same cascade on the T5 that pretrain_t5.py pretrained on text only (random:NAME:
+its architecture at T5's initialisation).
 """
 
 import argparse
@@ -302,9 +303,15 @@ def write_report(workdir, result, settings, stages, train_seconds):
 
 
 def with_text_encoder(stage_configs, name):
-    """The stages conditioned on another text encoder: its name, and its width as the U-Nets' text_dim."""
+    """The stages conditioned on another text encoder: its name, its width as the U-Nets'
+    text_dim, and as text length the longest caption or NEW_LANGUAGE prompt in its tokens,
+    rounded up to 8 (t5-wordnet-small: 11 -> 16)."""
     width = t5_encoder.abstract_encoder(name).cfg.d_model
-    return {k: dataclasses.replace(c, text_encoder=name, unet=dataclasses.replace(c.unet, text_dim=width))
+    _, tokenizer = data.load_text_encoder(name)
+    texts = shapes.all_captions() + [p for group in NEW_LANGUAGE.values() for p, _ in group]
+    length = -(-max(map(len, tokenizer(texts)["input_ids"])) // 8) * 8
+    return {k: dataclasses.replace(c, text_encoder=name, text_length=length,
+                                   unet=dataclasses.replace(c.unet, text_dim=width))
             for k, c in stage_configs.items()}
 
 
@@ -351,8 +358,8 @@ def cli(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--text-encoder", default=None,
-                   help=f"default {imagen.DEMO_TEXT_ENCODER}; random:{imagen.DEMO_TEXT_ENCODER} for the untrained "
-                        f"baseline, or another name in encoders/ or a T5 v1.1 checkpoint directory")
+                   help=f"default {imagen.DEMO_TEXT_ENCODER}; a name in encoders/ (t5-wordnet-small), "
+                        f"random:NAME for its architecture untrained, or a T5 v1.1 checkpoint directory")
     args = p.parse_args(argv)
     command_line.use_every_core()
     return main(args.workdir, keep_compiled=True, text_encoder=args.text_encoder)

@@ -1652,7 +1652,8 @@ def test_detector_scores_real_images_near_100_percent():
 def test_short_demo_end_to_end(tmp_path, capsys):
     tcfgs = {k: dataclasses.replace(TINY_TRAIN, steps=n) for k, n in (("base", 2), ("sr1", 1), ("sr2", 1))}
     fast = {k: dataclasses.replace(v, steps=2) for k, v in imagen.SAMPLING["demo"].items()}
-    result = demo.main(str(tmp_path), TINY_STAGES, tcfgs, fast, n_eval=4, n_sweep=2)
+    # on the committed pretrained encoder (128 wide, 16 tokens), as `demo.py --text-encoder` runs it
+    result = demo.main(str(tmp_path), TINY_STAGES, tcfgs, fast, n_eval=4, n_sweep=2, text_encoder="t5-wordnet-small")
     # one progress line for the whole run: the part that runs, the bar, the time left for all of it
     line = capsys.readouterr().err.replace("\r", "\n")
     for part in ("demo stage 1 of 3, base step 2/2", "demo stage 3 of 3, sr2 step 1/1", "demo evaluation, sampling batch 1/1",
@@ -1660,7 +1661,7 @@ def test_short_demo_end_to_end(tmp_path, capsys):
         assert part in line, part
     report = (tmp_path / "report.md").read_text()
     assert "| colour |" in report and "guidance_sweep.png" in report and "Position captions (" in report
-    assert "| digit (e.g. \"2 red squares\") | 8 |" in report and demo.encoder_note(imagen.DEMO_TEXT_ENCODER) in report
+    assert "| digit (e.g. \"2 red squares\") | 8 |" in report and "'t5-wordnet-small' (T5 v1.1 pretrained on text only" in report
     for f in ("samples.png", "guidance_sweep.png", "thresholding.png", "new_language.png", "report.json"):
         assert (tmp_path / f).exists()
     assert result["ceiling"]["colour"][0] >= 0.95
