@@ -18,7 +18,7 @@ in docs/demo_experiments.md. Then it writes WORKDIR/report.md:
   - prompts outside the caption grammar (other words for the relations, digits, colour
     synonyms), scored by the same detector as the grammar captions they mean.
 
-  python demo.py --text-encoder t5-wordnet-small --workdir runs/demo_pretrained
+  python demo.py --text-encoder t5-wordnet-small --workdir runs/pretrained
 trains the same cascade on the T5 that pretrain_t5.py pretrained on text only (random:NAME:
 its architecture at T5's initialisation).
 """

@@ -347,7 +347,7 @@ def pretrain(size: str, out_dir: str, workdir: str, cfg: PretrainConfig = Pretra
     """Pretrain the `size` encoder; -> {"heldout": [(step, loss)], "train": [(step, loss)]}.
     workdir keeps the checkpoints, metrics.jsonl and the tokenizer; out_dir gets the result."""
     t5cfg = SIZES[size] if isinstance(size, str) else size
-    texts, found = corpus(read_wordnet(wordnet or wordnet_dir(), counts))
+    texts, _ = corpus(read_wordnet(wordnet or wordnet_dir(), counts))
     os.makedirs(workdir, exist_ok=True)
     meta = {"size": dataclasses.asdict(t5cfg), "config": dataclasses.asdict(cfg), "texts": len(texts)}
     meta_path = os.path.join(workdir, "pretrain.json")
@@ -393,10 +393,10 @@ def pretrain(size: str, out_dir: str, workdir: str, cfg: PretrainConfig = Pretra
     state = on_mesh({"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}, sharding.P())
     held = [on_mesh(b, sharding.BATCH) for b in held]
     mngr = checkpoints.checkpoint_manager(workdir)
-    found = checkpoints.restore_newest(mngr, lambda s: mngr.restore(s, args=ocp.args.Composite(
+    restored = checkpoints.restore_newest(mngr, lambda s: mngr.restore(s, args=ocp.args.Composite(
         train=ocp.args.StandardRestore(state)))["train"], set_aside=True)
-    if found is not None:
-        state = found[1]
+    if restored is not None:
+        state = restored[1]
     step = int(state["step"])
     train_step = make_train_step(graphdef, tx)
     per_epoch = len(train_rows) // cfg.batch_size
@@ -462,7 +462,7 @@ def pretrain(size: str, out_dir: str, workdir: str, cfg: PretrainConfig = Pretra
     save_encoder(model.encoder, t5cfg, cfg.decoder_layers, out_dir,
                  {"pretrain_steps": step, "heldout_loss": history["heldout"][-1][1], "seed": cfg.seed,
                   "spiece_sha256": t5_encoder.spiece_digest(tok_dir)})
-    return {**history, "found": found}
+    return history
 
 
 def plot_curves(workdirs: dict, path: str):
