@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import zlib
 
 import jax
@@ -55,7 +56,6 @@ SIZES = {
     "small": T5Config(vocab_size=VOCAB_SIZE, d_model=128, d_kv=32, d_ff=256, num_layers=4, num_heads=4),  # 1.7M
     "base": T5Config(vocab_size=VOCAB_SIZE, d_model=256, d_kv=64, d_ff=512, num_layers=4, num_heads=4),  # 4.7M
 }
-ENCODERS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "encoders")
 NUM_SENTINELS = 100  # T5's <extra_id_0> ... <extra_id_99>
 
 
@@ -456,8 +456,7 @@ def pretrain(size: str, out_dir: str, workdir: str, cfg: PretrainConfig = Pretra
     bar.close()
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(tok_dir):
-        with open(os.path.join(tok_dir, name), "rb") as src, open(os.path.join(out_dir, name), "wb") as dst:
-            dst.write(src.read())
+        shutil.copyfile(os.path.join(tok_dir, name), os.path.join(out_dir, name))
     model = nnx.merge(graphdef, state["params"])
     save_encoder(model.encoder, t5cfg, cfg.decoder_layers, out_dir,
                  {"pretrain_steps": step, "heldout_loss": history["heldout"][-1][1], "seed": cfg.seed,
@@ -499,7 +498,7 @@ def main(argv=None):
         plot_curves({k: v for k, v in runs.items() if os.path.exists(os.path.join(v, "metrics.jsonl"))}, args.plot)
         return print(f"wrote {args.plot}")
     cli.use_every_core()
-    out = args.out or os.path.join(ENCODERS_DIR, f"t5-wordnet-{args.size}")
+    out = args.out or os.path.join(t5_encoder.ENCODERS_DIR, f"t5-wordnet-{args.size}")
     workdir = args.workdir or os.path.join("runs", "pretrain_t5", args.size)
     cfg = dataclasses.replace(PretrainConfig(), steps=args.steps, seed=args.seed)
     h = pretrain(args.size, out, workdir, cfg, args.wordnet)
