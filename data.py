@@ -386,16 +386,16 @@ def host_batch(source, stage, batch, position, seed, process_index=0, process_co
 
 def load_text_encoder(name: str, dtype=jnp.float32):
     """The text encoder a stage config names -> (encoder, tokenizer) (t5_encoder.load_text_encoder:
-    a checkpoint directory, a name in encoders/, random:NAME), or "demo-t5", the demo's random
-    encoder, whose output whitening is fitted on the demo dataset's training captions (the shapes
-    grammar's, held-out ones excluded). The last one loaded is kept: the demo's three stages and its evaluation
+    a checkpoint directory, a name in encoders/, random:NAME, whitened:NAME); whitened:NAME's
+    whitening is fitted on the demo dataset's training captions (the shapes grammar's, held-out
+    ones excluded). The last one loaded is kept: the demo's three stages and its evaluation
     share one load (frozen, so nothing changes it)."""
     return _load_text_encoder(name, jnp.dtype(dtype))
 
 
 @functools.lru_cache(maxsize=1)
 def _load_text_encoder(name, dtype):
-    texts = shapes.training_captions() if name == "demo-t5" else None
+    texts = shapes.training_captions() if name.startswith(t5_encoder.WHITENED_PREFIX) else None
     return t5_encoder.load_text_encoder(name, dtype, whitening_texts=texts)
 
 

@@ -5,9 +5,9 @@
 The "demo" preset of imagen.PRESETS: a base U-Net and two Efficient U-Net super-resolution
 stages (32 -> 64 -> 128) with the paper's structure (classifier-free guidance training,
 noise-conditioning augmentation, static and dynamic thresholding), trained by train.py on the
-synthetic captioned shapes of shapes.py and conditioned on a tiny T5 v1.1 encoder with random
-frozen weights (the same code loads real T5 checkpoints; a T5 pretrained on text, as §2.1's, does
-not bind colour to side as well yet: docs/text_encoder.md). Where the demo departs from the paper
+synthetic captioned shapes of shapes.py and conditioned on a small frozen T5 v1.1 encoder that
+pretrain_t5.py pretrained on text only (§2.1; encoders/, loaded by t5_encoder.load_t5 as a
+real T5 checkpoint), its output whitened on the training captions. Where the demo departs from the paper
 (v-prediction, static thresholding, ...) imagen.py and train.py mark it and link the evidence
 in docs/demo_experiments.md. Then it writes WORKDIR/report.md:
   - colour / count / position accuracy on held-out captions and new seeds, through the full
@@ -18,9 +18,10 @@ in docs/demo_experiments.md. Then it writes WORKDIR/report.md:
   - prompts outside the caption grammar (other words for the relations, digits, colour
     synonyms), scored by the same detector as the grammar captions they mean.
 
-  python demo.py --text-encoder t5-wordnet-small --workdir runs/pretrained
-trains the same cascade on the T5 that pretrain_t5.py pretrained on text only (random:NAME:
-its architecture at T5's initialisation).
+  python demo.py --text-encoder random:t5-wordnet-small --workdir runs/untrained
+trains the same cascade on that encoder's architecture at T5's initialisation, the baseline of
+an encoder that learnt nothing from text (NAME: another encoder in encoders/, unwhitened;
+whitened:NAME: whitened).
 """
 
 import argparse
@@ -238,11 +239,10 @@ def evaluate(workdir, sampling, n_eval=N_EVAL, n_sweep=32, batch_size=32, seed=0
 
 
 def encoder_note(name):
-    if name == "demo-t5":
-        return "T5 v1.1 architecture, random frozen weights, tuned and whitened"
-    if name.startswith(t5_encoder.RANDOM_PREFIX):
-        return "T5 v1.1 architecture at T5's random initialisation, frozen"
-    return "T5 v1.1 pretrained on text only by pretrain_t5.py, frozen"
+    base = name.removeprefix(t5_encoder.WHITENED_PREFIX)
+    note = ("T5 v1.1 architecture at T5's random initialisation, frozen" if base.startswith(t5_encoder.RANDOM_PREFIX)
+            else "T5 v1.1 pretrained on text only by pretrain_t5.py, frozen")
+    return note + (", its output whitened on the training captions" if base != name else "")
 
 
 def write_report(workdir, result, settings, stages, train_seconds):
@@ -358,8 +358,9 @@ def cli(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--text-encoder", default=None,
-                   help=f"default {imagen.DEMO_TEXT_ENCODER}; a name in encoders/ (t5-wordnet-small), "
-                        f"random:NAME for its architecture untrained, or a T5 v1.1 checkpoint directory")
+                   help=f"default {imagen.DEMO_TEXT_ENCODER}; a name in encoders/ (t5-wordnet-small) or a "
+                        f"T5 v1.1 checkpoint directory; random:NAME for its architecture untrained; "
+                        f"whitened:NAME for its output whitened on the training captions")
     args = p.parse_args(argv)
     command_line.use_every_core()
     return main(args.workdir, keep_compiled=True, text_encoder=args.text_encoder)

