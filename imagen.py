@@ -104,8 +104,8 @@ PRESETS = {
             preset="paper", name="sr2", section="App. B.1, F.3", side=1024, lowres_side=256, train_side=256,
             schedule="linear", paper_params=400e6, unet=_F3),
     },
-    # The demo (demo.py): a cascade 32 -> 64 -> 128 trained in minutes on 2 CPU cores with a
-    # random text encoder. Every choice that is not the paper's is marked and links its evidence
+    # The demo (demo.py): a cascade 32 -> 64 -> 128 trained in minutes on 2 CPU cores on a small
+    # T5 pretrained on text only. Every choice that is not the paper's is marked and links its evidence
     # in docs/demo_experiments.md.
     "demo": {
         "base": StageConfig(

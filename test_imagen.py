@@ -1674,6 +1674,47 @@ def test_short_demo_end_to_end(tmp_path, capsys):
     assert len(result["sweep"]) == len(demo.SWEEP)
 
 
+def test_every_findings_arm_builds_and_changes_one_thing():
+    import findings
+    base = imagen.PRESETS["demo"]["base"]
+    for name, f in findings.FINDINGS.items():
+        assert list(f.arms) == sorted(f.arms, key=f.order.index), name
+        stages = {k: change(base) for k, (change, _) in f.arms.items()}
+        params = {k: imagen.count_params(s) for k, s in stages.items()}  # abstract: allocates nothing
+        if name == "unet-scale":
+            assert params["16 channels"] < params["32 channels"] < params["64 channels"]
+            assert stages["32 channels"] == base
+        if name == "text-encoder-scale":  # the U-Net reads each encoder at its own width
+            for k, s in stages.items():
+                assert s.unet.text_dim == T5.abstract_encoder(s.text_encoder).cfg.d_model
+                assert dataclasses.replace(s.unet, text_dim=base.unet.text_dim) == base.unet
+        if name == "thresholding":
+            assert set(stages.values()) == {base}
+            assert [sam(imagen.SAMPLING["demo"]["base"]).threshold for _, sam in f.arms.values()] == list(f.order)
+
+
+def test_finding_runs_end_to_end_at_a_tiny_size(tmp_path):
+    # thresholding at a tiny size: its three arms share one trained stage per seed (reused, not
+    # trained three times); every arm, seed and w is scored; result.json, the figure and the verdict
+    import findings
+    r = findings.run("thresholding", str(tmp_path), seeds=(0, 1), updates=2, n_eval=4, sweep=(1.0, 5.0),
+                     base=TINY_STAGES["base"], tcfg=TINY_TRAIN, batch_size=4, progress=False)
+    used = {os.path.basename(x["stage_dir"]) for rows in r["arms"].values() for x in rows}
+    assert sorted(os.listdir(tmp_path / "stages")) == sorted(used) and len(used) == 2
+    assert all(sorted((x["seed"], x["w"]) for x in rows) == [(0, 1.0), (0, 5.0), (1, 1.0), (1, 5.0)]
+               for rows in r["arms"].values())
+    with open(tmp_path / "thresholding" / "result.json") as f:
+        assert json.load(f)["verdict"] == r["verdict"] in ("holds", "does not hold", "inconclusive")
+    assert Image.open(tmp_path / "thresholding" / "thresholding.png").size[0] > 300
+    assert findings.table_row(r).startswith("| `thresholding` |")
+    # the verdict: each step of the claimed order against the seeds' spread
+    row = lambda seed, a: {"seed": seed, "w": 1.0, "alignment": a}
+    arms = lambda *pairs: {"arms": {k: [row(0, a), row(1, b)] for k, (a, b) in zip("xyz", pairs)}}
+    assert findings.verdict(arms((0.5, 0.6), (0.8, 0.9), (0.95, 0.97)), "xyz")["verdict"] == "holds"
+    assert findings.verdict(arms((0.5, 0.6), (0.55, 0.9), (0.95, 0.97)), "xyz")["verdict"] == "inconclusive"
+    assert findings.verdict(arms((0.9, 0.9), (0.5, 0.55), (0.95, 0.97)), "xyz")["verdict"] == "does not hold"
+
+
 def test_demo_asks_for_one_cpu_device_per_core(monkeypatch):
     # read when JAX starts its backend (already started here, so this process is not changed)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
