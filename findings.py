@@ -35,7 +35,6 @@ import imagen
 import train
 
 _BASE = imagen.PRESETS["demo"]["base"]
-_UNET = _BASE.unet
 
 
 def _encoder(name):
