@@ -246,7 +246,7 @@ def drop_text(txt_BLD, mask_BL, drop):
 
 
 def diffusion_loss(eps_fn, x0_BHWC, txt_BLD, mask_BL, keys, log_snr_fn, p_uncond=0.1, lowres_BHWC=None,
-                   max_aug_level=1.0, prediction="eps"):
+                   max_aug_level=1.0, prediction="eps", t_B=None):
     """Imagen's training loss: plain MSE on epsilon (App. A), t ~ U(0, 1) in continuous time
     (App. F), text dropped with probability p_uncond = 10% (§4.1). For super-resolution stages
     (lowres_BHWC given, at its low resolution) the conditioning image is noise-augmented at
@@ -257,6 +257,7 @@ def diffusion_loss(eps_fn, x0_BHWC, txt_BLD, mask_BL, keys, log_snr_fn, p_uncond
     §2.4: "During training, aug_level is chosen randomly"; paper: not specified in its text from
     what; we use U(0, max_aug_level), 1 by default (train.TrainConfig.max_aug_level).
     prediction: "eps" (the paper) or "v" (see PREDICTIONS): plain MSE on that target.
+    t_B: given times in place of the drawn ones (the held-out loss at chosen noise levels).
     Returns the mean loss over the batch (a scalar, float32).
     """
     def draw(key):  # everything random about one example
@@ -265,7 +266,8 @@ def diffusion_loss(eps_fn, x0_BHWC, txt_BLD, mask_BL, keys, log_snr_fn, p_uncond
         return (jax.random.uniform(k_t), jax.random.normal(k_eps, x0_BHWC.shape[1:]),
                 jax.random.bernoulli(k_drop, p_uncond), max_aug_level * jax.random.uniform(k_aug), aug_eps)
 
-    t_B, eps_BHWC, drop_B, aug_level_B, aug_eps = jax.vmap(draw)(keys)
+    drawn_t_B, eps_BHWC, drop_B, aug_level_B, aug_eps = jax.vmap(draw)(keys)
+    t_B = drawn_t_B if t_B is None else t_B
     log_snr_B = log_snr_fn(t_B)
     z_t_BHWC = q_sample(x0_BHWC, log_snr_B, eps_BHWC)
     txt_BLD, mask_BL = drop_text(txt_BLD, mask_BL, drop_B)

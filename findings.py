@@ -1,21 +1,25 @@
 """Imagen's findings (§4.4, Fig. 4; App. D), reproduced in miniature on the demo's data.
 
-  python findings.py NAME [--seeds 2] [--updates 1000] [--workdir runs/findings]
+  python findings.py NAME [--seeds 2] [--updates N] [--workdir runs/findings]
 
-NAME is one of FINDINGS. Each arm of a finding is the demo's base stage (imagen.PRESETS["demo"])
+NAME is one of FINDINGS. Each arm of a finding is one of the demo's stages (imagen.PRESETS["demo"])
 with one thing changed, trained for --updates on the shapes dataset with each seed, then sampled
-alone at 32x32 on the held-out captions at every guidance weight of demo.SWEEP. Alignment: the
-mean of the detector's colour / count / position accuracy (demo.alignment), in the place of the
-paper's CLIP score; fidelity: palette purity (demo.purity), in the place of FID. The figure
-plots one curve per arm on those axes, like the paper's Pareto curves (Fig. 4, A.5-A.13).
+on the held-out captions at every guidance weight of demo.SWEEP: the base alone at 32x32, or the
+32->64 stage upsampling the demo base's samples of the same captions (that base trained once per
+seed, shared with the base findings), at each sampling aug level. Alignment: the mean of the
+detector's colour / count / position accuracy (demo.alignment), in the place of the paper's CLIP
+score; fidelity: palette purity (demo.purity), in the place of FID. The figure plots one curve
+per arm on those axes, like the paper's Pareto curves (Fig. 4, A.5-A.13); `efficient-unet`
+plots the held-out loss against training time instead, like Fig. A.14.
 
-A trained arm lives in WORKDIR/stages/base-HASH-sSEED, HASH the digest of its stage and training
+A trained arm lives in WORKDIR/stages/STAGE-HASH-sSEED, HASH the digest of its stage and training
 config (config.json inside): a finding whose arm another finding trained reuses it, an
 interrupted run resumes, and a changed config never reuses old weights.
 
-The verdict compares the arms' best alignment over w (mean over seeds) in the order the claim
-states: "holds" where each step of that order is larger than the spread between seeds of both
-arms, "does not hold" where a step goes the other way by more than that, else "inconclusive".
+The verdict compares the arms in the order the claim states, by their best alignment over the
+sweep (mean over seeds), or for `efficient-unet` their held-out loss at the same training time:
+"holds" where each step of that order is larger than the spread between seeds of both arms,
+"does not hold" where a step goes the other way by more than that, else "inconclusive".
 """
 
 import argparse
@@ -32,9 +36,11 @@ import cli
 import data
 import demo
 import imagen
+import t5_encoder
 import train
+from unet import UNetConfig
 
-_BASE = imagen.PRESETS["demo"]["base"]
+_same = lambda x: x  # noqa: E731
 
 
 def _encoder(name):
@@ -50,94 +56,198 @@ def _sampling(**kw):
     return lambda st: dataclasses.replace(st, **kw)
 
 
-_same = lambda x: x  # noqa: E731
+def _aug(level):
+    return lambda t: dataclasses.replace(t, max_aug_level=level)
+
+
+def _full_images_f2(s):
+    """The 32->64 stage as the paper's 64->256 model is trained: on whole images (no crops), with
+    F.2's self-attention (and the text in its keys and values) in the last block."""
+    n = len(s.unet.block_channels)
+    return dataclasses.replace(s, train_side=s.side, unet=dataclasses.replace(
+        s.unet, block_self_attn=(False,) * (n - 1) + (True,), block_cross_attn=(False,) * n))
+
+
+def _plain_unet(s):
+    """The same stage on the base's network (ADM's U-Net, F.1: BigGAN up/down-sampling residual
+    blocks, self-attention with the text at the lowest side, and in the middle), as many levels
+    as the Efficient U-Net has blocks, widths (c, ..., c, 2c): within 4% of its parameters (1.43M
+    against 1.38M for the demo's). paper: not specified which U-Net App. D.3.2 compares with."""
+    e, n = s.unet, len(s.unet.block_channels)
+    low = s.train_side // 2 ** (n - 1)
+    return dataclasses.replace(s, unet=UNetConfig(
+        lowres_cond=True, channels=e.block_channels[0], channel_mult=(1,) * (n - 1) + (2,), num_res_blocks=1,
+        attn_resolutions=(low,), text_cross_attn_res=(low,), per_head_channels=e.block_channels[-1] // e.num_heads,
+        num_heads=e.num_heads, text_dim=e.text_dim, norm_groups=e.norm_groups, emb_mult=e.emb_mult))
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    stage: object = _same  # StageConfig -> StageConfig
+    sampling: object = _same  # SampleSettings -> SampleSettings
+    train: object = _same  # TrainConfig -> TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
     claim: str  # the paper's claim, as a reviewer would check it
     section: str  # where the paper makes it
-    arms: dict  # label -> (stage_config -> stage_config, SampleSettings -> SampleSettings)
-    order: tuple  # the arms, worst first, as the claim expects them
+    arms: dict  # label -> Arm
+    order: tuple  # the arms the verdict compares, worst first, as the claim expects them
+    stage: str = "base"  # the stage the arms change: "base", or "sr1" (32 -> 64)
+    common: object = _same  # StageConfig -> StageConfig: the finding's stage, before any arm's change
+    updates: int = 1000  # default updates per arm and seed
+    aug_levels: tuple = (0.0,)  # sampling aug levels swept (a super-resolution stage)
+    measure: str = "alignment"  # the verdict's: best alignment, or "heldout" loss at equal training time
 
 
 FINDINGS = {
     "text-encoder-scale": Finding(
         "a larger frozen text encoder improves alignment and fidelity", "§4.4, Fig. 4a; App. D.1, Fig. A.5a",
-        {"untrained": (_encoder("whitened:random:t5-wordnet-base"), _same),
-         "tiny": (_encoder("whitened:t5-wordnet-tiny"), _same),
-         "small": (_encoder("whitened:t5-wordnet-small"), _same),
-         "base": (_encoder("whitened:t5-wordnet-base"), _same)},
+        {"untrained": Arm(_encoder("whitened:random:t5-wordnet-base")),
+         "tiny": Arm(_encoder("whitened:t5-wordnet-tiny")),
+         "small": Arm(_encoder("whitened:t5-wordnet-small")),
+         "base": Arm(_encoder("whitened:t5-wordnet-base"))},
         ("untrained", "tiny", "small", "base")),
     "unet-scale": Finding(
         "a larger U-Net helps, less than a larger text encoder", "§4.4, Fig. 4b; App. D.3, Fig. A.13b",
-        {"16 channels": (_unet(channels=16), _same), "32 channels": (_same, _same),
-         "64 channels": (_unet(channels=64), _same)},
+        {"16 channels": Arm(_unet(channels=16)), "32 channels": Arm(), "64 channels": Arm(_unet(channels=64))},
         ("16 channels", "32 channels", "64 channels")),
     "thresholding": Finding(
         "dynamic thresholding beats static and none, most at large guidance", "§4.4, Fig. 4c; App. D.2, Figs. A.8-A.9",
-        {"none": (_same, _sampling(threshold="none")), "static": (_same, _sampling(threshold="static")),
-         "dynamic": (_same, _sampling(threshold="dynamic"))},
+        {"none": Arm(sampling=_sampling(threshold="none")), "static": Arm(sampling=_sampling(threshold="static")),
+         "dynamic": Arm(sampling=_sampling(threshold="dynamic"))},
         ("none", "static", "dynamic")),
     "text-conditioning": Finding(
         "cross-attention on the text sequence beats mean and attention pooling", "§4.4; App. D.3.1, Fig. A.13a",
-        {"mean pooling": (_unet(feature_pooling="mean", text_cross_attn=False), _same),
-         "attention pooling": (_unet(feature_pooling="attention", text_cross_attn=False), _same),
-         "cross-attention": (_same, _same)},
+        {"mean pooling": Arm(_unet(feature_pooling="mean", text_cross_attn=False)),
+         "attention pooling": Arm(_unet(feature_pooling="attention", text_cross_attn=False)),
+         "cross-attention": Arm()},
         ("mean pooling", "attention pooling", "cross-attention")),
+    # the demo's 32->64 stage as the demo trains it (32x32 crops, 200 updates), its training aug
+    # levels U(0, m): none, the demo's m = 0.1 and the paper's m = 1 (§2.4, Fig. A.32)
+    "noise-augmentation": Finding(
+        "a super-resolution model trained with noise conditioning augmentation scores better, and leans "
+        "more on the text (more change across w)", "§4.4; App. D.2, Fig. A.11b",
+        {"none": Arm(train=_aug(0.0)), "U(0, 0.1)": Arm(train=_aug(0.1)), "U(0, 1)": Arm(train=_aug(1.0))},
+        ("none", "U(0, 1)"), stage="sr1", updates=200, aug_levels=(0.0, 0.1, 0.3)),
+    "efficient-unet": Finding(
+        "the Efficient U-Net converges faster than a U-Net, and samples 2-3x faster", "§4.4; App. D.3.2, Fig. A.14",
+        {"U-Net": Arm(_plain_unet), "Efficient U-Net": Arm()},
+        ("U-Net", "Efficient U-Net"), stage="sr1", common=_full_images_f2, updates=400, measure="heldout"),
 }
+EVAL_POINTS = 10  # held-out loss evaluations over a run (efficient-unet)
 
 
-def arm_dir(workdir, stage, tcfg, seed):
-    """WORKDIR/stages/base-HASH-sSEED for this stage and training config; config.json inside."""
+def arm_dir(workdir, stage, tcfg, seed, create=True):
+    """WORKDIR/stages/STAGE-HASH-sSEED for this stage and training config; config.json inside."""
     cfg = {"stage": imagen.config_dict(stage), "train": dataclasses.asdict(tcfg)}
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    path = os.path.join(workdir, "stages", f"base-{digest}-s{seed}")
+    path = os.path.join(workdir, "stages", f"{stage.name}-{digest}-s{seed}")
+    if not create:
+        return path
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1, default=str)
     return path
 
 
-def run(name, workdir="runs/findings", seeds=(0, 1), updates=1000, n_eval=64, sweep=demo.SWEEP,
-        base=None, tcfg=None, batch_size=32, progress=True):
+def _train(stage, tcfg, workdir, seed, progress, heldout=None):
+    """Train (or reuse, or resume) one arm with one seed -> its directory."""
+    path = arm_dir(workdir, stage, tcfg, seed)
+    train.train(stage, tcfg, path, seed=seed, log_every=max(1, tcfg.steps // 10),
+                save_every=max(100, tcfg.steps // 3), progress=progress, heldout=heldout,
+                eval_every=max(1, tcfg.steps // EVAL_POINTS) if heldout is not None else 0)
+    return path
+
+
+def heldout_batch(stage, examples, encoder, tokenizer):
+    """The held-out examples as a batch for train.heldout_loss_fn: each image cut as the stage
+    trains (a fixed crop), its low-res input, its caption's embeddings."""
+    rng = np.random.default_rng(0)
+    pairs = [data.preprocess(img, stage, rng) for img, _, _, _ in examples]
+    emb, mask = t5_encoder.encode(encoder, tokenizer, [c for _, c, _, _ in examples], stage.text_length, warn=False)
+    batch = {"image": np.stack([x for x, _ in pairs]), "text_emb": np.asarray(emb), "text_mask": np.asarray(mask)}
+    return batch | ({"lowres": np.stack([lo for _, lo in pairs])} if stage.lowres_side else {})
+
+
+def curve(stage_dir):
+    """[(seconds of training, held-out loss)] from a stage's metrics.jsonl."""
+    with open(os.path.join(stage_dir, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f if '"heldout_loss"' in line]
+    by_step = {r["step"]: (r["train_seconds"], r["heldout_loss"]) for r in recs}  # a resumed run: the last
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def run(name, workdir="runs/findings", seeds=(0, 1), updates=None, n_eval=64, sweep=demo.SWEEP,
+        stages=None, tcfgs=None, base_updates=1000, batch_size=32, progress=True):
     """Train every arm of FINDINGS[name] with every seed (or reuse it), sweep w, score; ->
-    result (also WORKDIR/NAME/result.json and NAME.png). base, tcfg: the stage the arms change
-    and how it trains (default: the demo's base; its learning rate decays over `updates`)."""
+    result (also WORKDIR/NAME/result.json and NAME.png). stages, tcfgs: the demo's stage configs
+    and training configs by name, which the arms change (default imagen.PRESETS["demo"],
+    train.TRAIN_PRESETS["demo"]); updates: of the finding's stage (default its own), whose
+    learning rate decays over them; base_updates: of the base whose samples a super-resolution
+    finding upsamples."""
     finding = FINDINGS[name]
-    base = base or imagen.with_backend(_BASE, imagen.backend())
-    tcfg = dataclasses.replace(tcfg or train.TRAIN_PRESETS["demo"]["base"], steps=updates, decay_steps=updates)
-    settings = imagen.SAMPLING["demo"]["base"]
-    examples = demo.heldout_examples(n_eval, base.side)
+    stages = stages or {k: imagen.with_backend(v, imagen.backend()) for k, v in imagen.PRESETS["demo"].items()}
+    tcfgs = tcfgs or train.TRAIN_PRESETS["demo"]
+    updates = updates or finding.updates
+    base_tcfg = dataclasses.replace(tcfgs["base"], steps=base_updates, decay_steps=base_updates)
+    stage0 = finding.common(stages[finding.stage])
+    tcfg0 = dataclasses.replace(tcfgs[finding.stage], steps=updates, decay_steps=updates)
+    settings = imagen.SAMPLING["demo"][finding.stage]
+    examples = demo.heldout_examples(n_eval, stage0.side)
     captions = [c for _, c, _, _ in examples]
+    bs = min(batch_size, n_eval)
     out = os.path.join(workdir, name)
     os.makedirs(out, exist_ok=True)
-    arms, t0, done, total = {}, time.time(), 0, len(finding.arms) * len(seeds)
-    for label, (change_stage, change_sampling) in finding.arms.items():
-        stage, rows = change_stage(base), []
+    arms, curves, t0 = {}, {}, time.time()
+    # the time left: arm-seeds still to train at the mean time of those trained so far, reused
+    # ones at the mean time of their sweeps
+    trained = lambda label, seed: os.path.isdir(os.path.join(arm_dir(
+        workdir, finding.arms[label].stage(stage0), finding.arms[label].train(tcfg0), seed, create=False), "checkpoints"))
+    todo = {(label, seed): trained(label, seed) for label in finding.arms for seed in seeds}
+    spent = {True: [], False: []}  # reused?: minutes per arm-seed
+    lowres = {}  # seed -> the base's samples the super-resolution arms upsample
+    for label, arm in finding.arms.items():
+        stage, tcfg, rows = arm.stage(stage0), arm.train(tcfg0), []
         for seed in seeds:
-            path = arm_dir(workdir, stage, tcfg, seed)
-            train.train(stage, tcfg, path, seed=seed, log_every=max(1, updates // 10),
-                        save_every=max(100, updates // 3), progress=progress)
-            loaded = checkpoints.load_stage(path)
+            t_arm = time.time()
             enc, tok = data.load_text_encoder(stage.text_encoder)
-            for w in sweep:
-                st = change_sampling(dataclasses.replace(settings, guidance=w))
-                imgs = imagen.generate([loaded], enc, tok, captions, [st], demo.EVAL_SEED + seed,
-                                       min(batch_size, n_eval))
-                acc = demo.alignment(imgs, captions)
-                rows.append({"seed": seed, "w": w, "alignment": float(np.nanmean([v for v, _ in acc.values()])),
-                             "purity": demo.purity(imgs), **{k: v for k, (v, _) in acc.items()},
-                             "stage_dir": path})
-            done += 1
-            if progress:  # each arm and seed costs about the same (a reused stage less)
-                spent = (time.time() - t0) / 60
-                print(f"{name}: {label}, seed {seed} done, {done}/{total}; {spent:.1f} min, "
-                      f"about {spent / done * (total - done):.0f} min left", flush=True)
+            if finding.stage != "base" and seed not in lowres:
+                base_dir = _train(stages["base"], base_tcfg, workdir, seed, progress)
+                lowres[seed] = imagen.generate([checkpoints.load_stage(base_dir)], enc, tok, captions,
+                                               [imagen.SAMPLING["demo"]["base"]], demo.EVAL_SEED + seed, bs)
+            held = heldout_batch(stage, examples, enc, tok) if finding.measure == "heldout" else None
+            path = _train(stage, tcfg, workdir, seed, progress, held)
+            loaded = checkpoints.load_stage(path)
+            for aug in finding.aug_levels:
+                for w in sweep:
+                    st = arm.sampling(dataclasses.replace(settings, guidance=w, aug_level=aug))
+                    t = time.time()
+                    imgs = imagen.generate([loaded], enc, tok, captions, [st], demo.EVAL_SEED + seed, bs,
+                                           lowres=lowres.get(seed))
+                    seconds = time.time() - t
+                    acc = demo.alignment(imgs, captions)
+                    rows.append({"seed": seed, "w": w, "aug_level": aug, "sample_seconds": seconds,
+                                 "alignment": float(np.nanmean([v for v, _ in acc.values()])),
+                                 "purity": demo.purity(imgs), **{k: v for k, (v, _) in acc.items()},
+                                 "stage_dir": path})
+            if held is not None:
+                curves.setdefault(label, []).append(curve(path))
+            spent[todo.pop((label, seed))].append((time.time() - t_arm) / 60)
+            if progress:
+                each = {k: np.mean(v or spent[not k] or [0.0]) for k, v in spent.items()}
+                left = sum(each[reused] for reused in todo.values())
+                print(f"{name}: {label}, seed {seed} done, {len(finding.arms) * len(seeds) - len(todo)}/"
+                      f"{len(finding.arms) * len(seeds)}; {(time.time() - t0) / 60:.1f} min, about {left:.0f} min left",
+                      flush=True)
         arms[label] = rows
     result = {"finding": name, "claim": finding.claim, "section": finding.section, "updates": updates,
-              "seeds": list(seeds), "n_eval": n_eval, "sweep": list(sweep), "arms": arms,
-              "minutes": (time.time() - t0) / 60}
+              "seeds": list(seeds), "n_eval": n_eval, "sweep": list(sweep), "aug_levels": list(finding.aug_levels),
+              "measure": finding.measure, "arms": arms, "minutes": (time.time() - t0) / 60,
+              "params": {label: imagen.count_params(arm.stage(stage0)) for label, arm in finding.arms.items()}}
+    if curves:
+        result["curves"] = curves
     result.update(verdict(result, finding.order))
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -146,44 +256,80 @@ def run(name, workdir="runs/findings", seeds=(0, 1), updates=1000, n_eval=64, sw
 
 
 def best(rows):
-    """An arm's best alignment over w of the mean over seeds, and the spread (max - min) between
-    its seeds' best alignments."""
-    ws = sorted({r["w"] for r in rows})
-    mean_at = {w: np.mean([r["alignment"] for r in rows if r["w"] == w]) for w in ws}
+    """An arm's best alignment over the sweep (w, aug level) of the mean over seeds, and the
+    spread (max - min) between its seeds' best alignments."""
+    key = lambda r: (r["w"], r.get("aug_level", 0.0))
+    mean_at = {k: np.mean([r["alignment"] for r in rows if key(r) == k]) for k in {key(r) for r in rows}}
     per_seed = [max(r["alignment"] for r in rows if r["seed"] == s) for s in sorted({r["seed"] for r in rows})]
     return float(max(mean_at.values())), float(max(per_seed) - min(per_seed))
+
+
+def common_time(result):
+    """The training time every run of every arm reached (seconds): where held-out losses compare."""
+    return min(c[-1][0] for runs in result["curves"].values() for c in runs)
+
+
+def loss_at(result, label):
+    """An arm's held-out loss at common_time (mean over seeds, interpolated), and its seeds' spread."""
+    t = common_time(result)
+    per_seed = [float(np.interp(t, *zip(*c))) for c in result["curves"][label]]
+    return float(np.mean(per_seed)), float(max(per_seed) - min(per_seed))
+
+
+def score(result, label):
+    """(larger is better, seed spread): best alignment, or minus the held-out loss."""
+    if result.get("measure") == "heldout":
+        loss, spread = loss_at(result, label)
+        return -loss, spread
+    return best(result["arms"][label])
 
 
 def verdict(result, order):
     """holds / does not hold / inconclusive: each step of `order` against both arms' seed spread."""
     steps = []
     for lo, hi in zip(order, order[1:]):
-        (a, sa), (b, sb) = best(result["arms"][lo]), best(result["arms"][hi])
+        (a, sa), (b, sb) = score(result, lo), score(result, hi)
         margin = max(sa, sb)
         steps.append("up" if b - a > margin else "down" if a - b > margin else "flat")
     word = ("holds" if all(s == "up" for s in steps) else
             "does not hold" if any(s == "down" for s in steps) else "inconclusive")
+    sign = -1 if result.get("measure") == "heldout" else 1
     return {"verdict": word, "steps": steps,
-            "best": {k: best(v)[0] for k, v in result["arms"].items()},
-            "seed_spread": {k: best(v)[1] for k, v in result["arms"].items()}}
+            "best": {k: sign * score(result, k)[0] for k in result["arms"]},
+            "seed_spread": {k: score(result, k)[1] for k in result["arms"]}}
 
 
 def plot(result, path):
-    """Alignment against fidelity, one curve per arm (mean over seeds; w marked), like Fig. 4."""
+    """Alignment against fidelity, one curve per arm and aug level (mean over seeds; w marked),
+    like Fig. 4; with held-out loss curves, also the loss against training time, like Fig. A.14."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
-    for label, rows in result["arms"].items():
-        ws = sorted({r["w"] for r in rows})
-        x = [np.mean([r["purity"] for r in rows if r["w"] == w]) for w in ws]
-        y = [np.mean([r["alignment"] for r in rows if r["w"] == w]) for w in ws]
-        ax.plot(x, y, marker="o", ms=3, label=label)
-        ax.annotate(f"w={ws[-1]:g}", (x[-1], y[-1]), fontsize=7)
+    curves = "curves" in result
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(10.4 if curves else 5.2, 3.8), squeeze=False)
+    ax = axes[0, 0]
+    augs = sorted({r.get("aug_level", 0.0) for rows in result["arms"].values() for r in rows})
+    for i, (label, rows) in enumerate(result["arms"].items()):
+        for j, aug in enumerate(augs):
+            ws = sorted({r["w"] for r in rows if r.get("aug_level", 0.0) == aug})
+            at = lambda w, k: np.mean([r[k] for r in rows if r["w"] == w and r.get("aug_level", 0.0) == aug])
+            x, y = [at(w, "purity") for w in ws], [at(w, "alignment") for w in ws]
+            ax.plot(x, y, marker="o", ms=3, color=f"C{i}", ls=("-", "--", ":", "-.")[j % 4],
+                    label=label + (f", aug {aug:g}" if len(augs) > 1 else ""))
+            ax.annotate(f"w={ws[-1]:g}", (x[-1], y[-1]), fontsize=7)
     ax.set(xlabel="fidelity (palette purity)", ylabel="alignment (mean detector accuracy)",
            title=f"{result['finding']}: {result['verdict']}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    if curves:
+        ax = axes[0, 1]
+        for i, (label, runs) in enumerate(result["curves"].items()):
+            for k, c in enumerate(runs):
+                ax.plot(*zip(*c), marker=".", color=f"C{i}", label=label if k == 0 else None)
+        ax.axvline(common_time(result), color="grey", lw=0.8, ls=":")
+        ax.set(xlabel="training time (s)", ylabel="held-out loss", title="convergence (one line per seed)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -191,8 +337,9 @@ def plot(result, path):
 
 def table_row(result):
     """The finding's row of docs/findings.md."""
+    what = "held-out loss at equal training time" if result.get("measure") == "heldout" else "best alignment over the sweep"
     best_ = ", ".join(f"{k} {v:.3f} (seeds +- {result['seed_spread'][k] / 2:.3f})" for k, v in result["best"].items())
-    return (f"| `{result['finding']}` | {result['claim']} ({result['section']}) | best alignment over w: "
+    return (f"| `{result['finding']}` | {result['claim']} ({result['section']}) | {what}: "
             f"{best_}; {len(result['seeds'])} seeds, {result['updates']} updates | {result['verdict']} |")
 
 
@@ -200,7 +347,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=list(FINDINGS))
     p.add_argument("--seeds", type=cli.positive_int, default=2, help="seeds per arm (0, 1, ...)")
-    p.add_argument("--updates", type=cli.positive_int, default=1000, help="base updates per arm and seed (the demo: 1500)")
+    p.add_argument("--updates", type=cli.positive_int, default=None,
+                   help="updates per arm and seed of the stage the finding trains (default: the finding's own, "
+                        "1000 for the base, 200 / 400 for the 32->64 stage; the demo: 1500 and 200)")
     p.add_argument("--n-eval", type=cli.positive_int, default=64, help="held-out examples per w")
     p.add_argument("--workdir", default="runs/findings")
     args = p.parse_args(argv)

@@ -335,8 +335,10 @@ def to_uint8(x):
 
 
 def generate(stages, encoder, tokenizer, prompts, settings, seed=0, batch_size=8, text_length=None,
-             progress=False, first_batch=0):
+             progress=False, first_batch=0, lowres=None):
     """Prompts -> uint8 images (N, side, side, 3) through the given stages (1, 2 or 3).
+    lowres: uint8 images (N, h, w, 3) the first stage upsamples, when it is a super-resolution
+    stage (the outputs of a base sampled before, or real low-resolution images).
 
     The prompts are encoded once per batch and the embeddings reused by every stage (§2).
     settings: one SampleSettings per stage. Batch b of stage s draws its noise from
@@ -364,6 +366,9 @@ def generate(stages, encoder, tokenizer, prompts, settings, seed=0, batch_size=8
         if split:
             txt_BLD, mask_BL = jax.device_put((txt_BLD, mask_BL), jax.sharding.NamedSharding(mesh, sharding.BATCH))
         x = None
+        if lowres is not None:
+            x = jnp.asarray(np.concatenate([lowres[start:start + n], np.zeros_like(lowres[:batch_size - n])]),
+                            jnp.float32) / 127.5 - 1.0
         for s, (stage, st) in enumerate(zip(stages, settings)):
             key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), first_batch + b), s)
             x = sample_stage(stage, key, txt_BLD, mask_BL, st, x)

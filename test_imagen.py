@@ -990,7 +990,7 @@ def _train(tmp, steps, stage="base", **kw):
 
 def _losses(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [(r["step"], r["loss"]) for r in map(json.loads, f)]
+        return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
 
 
 def test_caption_table_equals_the_encoder_in_the_step(tmp_path, monkeypatch):
@@ -1017,16 +1017,36 @@ def test_caption_table_equals_the_encoder_in_the_step(tmp_path, monkeypatch):
 
 def test_stopped_and_resumed_on_other_meshes_equals_uninterrupted(tmp_path, monkeypatch):
     # saved sharded on 8 devices (fsdp=8), resumed on 1: the losses of an uninterrupted 8-device
-    # run; and sampling loads the EMA of a sharded checkpoint
+    # run; and sampling loads the EMA of a sharded checkpoint. Run b also measures its held-out
+    # loss every 2 steps, which changes none of its training losses
+    import findings
     monkeypatch.setattr(sharding, "FSDP_MIN_SIZE", TINY_FSDP_MIN_SIZE)
+    stage = TINY_STAGES["base"]
+    held = findings.heldout_batch(stage, demo.heldout_examples(4, stage.side),
+                                  *data.load_text_encoder(stage.text_encoder))
     _train(tmp_path / "a", 4)
-    _train(tmp_path / "b", 2, mesh=sharding.make_mesh(fsdp=8))
+    _train(tmp_path / "b", 2, mesh=sharding.make_mesh(fsdp=8), heldout=held, eval_every=2)
     loaded = checkpoints.load_stage(str(tmp_path / "b"))
     assert loaded.step == 2 and all(len(x.devices()) == 1 for x in jax.tree.leaves(nnx.state(loaded.model)))
-    _train(tmp_path / "b", 4, mesh=sharding.make_mesh(devices=1))  # resumes from the data position
+    _train(tmp_path / "b", 4, mesh=sharding.make_mesh(devices=1), heldout=held, eval_every=2)  # resumes from the data position
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert [s for s, _ in a] == [1, 2, 3, 4] and [s for s, _ in b] == [1, 2, 3, 4]
     np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=2e-5)
+    # the held-out loss: at steps 2 and 4, by noise level (the log-SNR falls with t), the
+    # training time going on across the resume; the EMA of step 4 is not that of step 2
+    with open(tmp_path / "b" / "metrics.jsonl") as f:
+        evals = [r for r in map(json.loads, f) if "heldout_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        snrs = [float(k) for k in r["heldout_by_log_snr"]]
+        assert len(snrs) == train.HELDOUT_BUCKETS and snrs == sorted(snrs, reverse=True)
+        assert np.isclose(r["heldout_loss"], np.mean(list(r["heldout_by_log_snr"].values())))
+    assert 0 < evals[0]["train_seconds"] < evals[1]["train_seconds"]
+    assert evals[0]["heldout_loss"] != evals[1]["heldout_loss"]
+    # the same weights give the same held-out loss: its times and noise are fixed
+    fn = train.heldout_loss_fn(stage, TINY_TRAIN)
+    params = nnx.state(loaded.model, nnx.Param)
+    np.testing.assert_array_equal(fn(params, held), fn(params, held))
 
 
 def test_sigterm_saves_a_state_and_position_that_belong_together(tmp_path, monkeypatch):
@@ -1676,11 +1696,21 @@ def test_short_demo_end_to_end(tmp_path, capsys):
 
 def test_every_findings_arm_builds_and_changes_one_thing():
     import findings
-    base = imagen.PRESETS["demo"]["base"]
     for name, f in findings.FINDINGS.items():
-        assert list(f.arms) == sorted(f.arms, key=f.order.index), name
-        stages = {k: change(base) for k, (change, _) in f.arms.items()}
+        base = f.common(imagen.PRESETS["demo"][f.stage])
+        tcfg = train.TRAIN_PRESETS["demo"][f.stage]
+        assert [k for k in f.arms if k in f.order] == list(f.order), name
+        stages = {k: arm.stage(base) for k, arm in f.arms.items()}
         params = {k: imagen.count_params(s) for k, s in stages.items()}  # abstract: allocates nothing
+        if name == "noise-augmentation":  # only the training aug levels differ
+            assert set(stages.values()) == {base}
+            assert [arm.train(tcfg).max_aug_level for arm in f.arms.values()] == [0.0, 0.1, 1.0]
+            assert {dataclasses.replace(arm.train(tcfg), max_aug_level=0.0) for arm in f.arms.values()} == \
+                {dataclasses.replace(tcfg, max_aug_level=0.0)}
+        if name == "efficient-unet":  # whole images; the two networks within 4% in parameters
+            assert base.train_side == base.side and stages["Efficient U-Net"] == base
+            assert abs(params["U-Net"] / params["Efficient U-Net"] - 1) < 0.04, params
+            assert dataclasses.replace(stages["U-Net"], unet=base.unet) == base
         if name == "unet-scale":
             assert params["16 channels"] < params["32 channels"] < params["64 channels"]
             assert stages["32 channels"] == base
@@ -1690,15 +1720,16 @@ def test_every_findings_arm_builds_and_changes_one_thing():
                 assert dataclasses.replace(s.unet, text_dim=base.unet.text_dim) == base.unet
         if name == "thresholding":
             assert set(stages.values()) == {base}
-            assert [sam(imagen.SAMPLING["demo"]["base"]).threshold for _, sam in f.arms.values()] == list(f.order)
+            assert [arm.sampling(imagen.SAMPLING["demo"]["base"]).threshold for arm in f.arms.values()] == list(f.order)
 
 
 def test_finding_runs_end_to_end_at_a_tiny_size(tmp_path):
     # thresholding at a tiny size: its three arms share one trained stage per seed (reused, not
     # trained three times); every arm, seed and w is scored; result.json, the figure and the verdict
     import findings
+    tcfgs = {k: TINY_TRAIN for k in TINY_STAGES}
     r = findings.run("thresholding", str(tmp_path), seeds=(0, 1), updates=2, n_eval=4, sweep=(1.0, 5.0),
-                     base=TINY_STAGES["base"], tcfg=TINY_TRAIN, batch_size=4, progress=False)
+                     stages=TINY_STAGES, tcfgs=tcfgs, batch_size=4, progress=False)
     used = {os.path.basename(x["stage_dir"]) for rows in r["arms"].values() for x in rows}
     assert sorted(os.listdir(tmp_path / "stages")) == sorted(used) and len(used) == 2
     assert all(sorted((x["seed"], x["w"]) for x in rows) == [(0, 1.0), (0, 5.0), (1, 1.0), (1, 5.0)]
@@ -1713,6 +1744,17 @@ def test_finding_runs_end_to_end_at_a_tiny_size(tmp_path):
     assert findings.verdict(arms((0.5, 0.6), (0.8, 0.9), (0.95, 0.97)), "xyz")["verdict"] == "holds"
     assert findings.verdict(arms((0.5, 0.6), (0.55, 0.9), (0.95, 0.97)), "xyz")["verdict"] == "inconclusive"
     assert findings.verdict(arms((0.9, 0.9), (0.5, 0.55), (0.95, 0.97)), "xyz")["verdict"] == "does not hold"
+    # a super-resolution finding: it upsamples the samples of the base trained above (reused),
+    # and compares held-out losses at the training time both arms reached
+    r = findings.run("efficient-unet", str(tmp_path), seeds=(0,), updates=4, n_eval=4, sweep=(1.0, 3.0),
+                     stages=TINY_STAGES, tcfgs=tcfgs, base_updates=2, batch_size=4, progress=False)
+    assert len(os.listdir(tmp_path / "stages")) == 4  # the base of seed 0 reused, two new 32->64 stages
+    assert {k: len(v[0]) for k, v in r["curves"].items()} == {"U-Net": 4, "Efficient U-Net": 4}
+    t = findings.common_time(r)
+    assert t == min(c[0][-1][0] for c in r["curves"].values())
+    assert r["best"]["U-Net"] == pytest.approx(np.interp(t, *zip(*r["curves"]["U-Net"][0])))
+    assert all(x["sample_seconds"] > 0 and 0 <= x["alignment"] <= 1 for rows in r["arms"].values() for x in rows)
+    assert Image.open(tmp_path / "efficient-unet" / "efficient-unet.png").size[0] > 800
 
 
 def test_demo_asks_for_one_cpu_device_per_core(monkeypatch):

@@ -199,6 +199,39 @@ def _compile_step(stage, tcfg, mesh, grad_accum, seed, text):
                    donate_argnums=0)
 
 
+HELDOUT_BUCKETS = 8  # paper: not specified (it reports no held-out loss); t in 8 equal slices
+
+
+def heldout_loss_fn(stage, tcfg, buckets=HELDOUT_BUCKETS, seed=0):
+    """-> a jitted (params, batch) -> (buckets,) held-out loss: the batch (image, text_emb,
+    text_mask, and lowres for a super-resolution stage) at `buckets` noise levels, t in equal
+    slices [k/K, (k+1)/K) of [0, 1] (so each a range of log-SNR: the loss differs by orders of
+    magnitude across them), the text always kept. Every call draws the same times and noise,
+    so two calls differ only by the weights."""
+    graphdef, _ = nnx.split(imagen.abstract_network(stage))
+    log_snr_fn = diffusion.SCHEDULES[stage.schedule]
+
+    def f(params, batch):
+        model = nnx.merge(graphdef, params)
+        B = batch["image"].shape[0]
+        lowres = batch["lowres"] if stage.lowres_side else None
+
+        def at(k):
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), k)
+            t_B = (k + jax.random.uniform(key, (B,))) / buckets
+            keys = jax.random.split(jax.random.fold_in(key, 1), B)
+            return diffusion.diffusion_loss(model, batch["image"], batch["text_emb"], batch["text_mask"], keys,
+                                            log_snr_fn, 0.0, lowres, tcfg.max_aug_level, stage.prediction, t_B)
+        return jnp.stack([at(k) for k in range(buckets)])
+    return jax.jit(f)
+
+
+def bucket_log_snrs(stage, buckets=HELDOUT_BUCKETS):
+    """The log-SNR at the middle of each held-out bucket (its label)."""
+    log_snr_fn = diffusion.SCHEDULES[stage.schedule]
+    return [round(float(log_snr_fn(jnp.float32((k + 0.5) / buckets))), 2) for k in range(buckets)]
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop and its helpers
 # ---------------------------------------------------------------------------------------------
@@ -304,10 +337,13 @@ def all_positions(position):
 
 def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_cache=None,
           grad_accum=1, seed=0, log_every=10, save_every=1000, progress=True, mesh=None,
-          data_workers=0, index_dir=None):
+          data_workers=0, index_dir=None, heldout=None, eval_every=0):
     """Train `stage` up to tcfg.steps updates in total (resuming from workdir); -> the state.
     mesh: a sharding.make_mesh() mesh (default: every device on 'data'); data_workers: decode
-    processes (0: threads of this one); index_dir: where .tar shards keep their index."""
+    processes (0: threads of this one); index_dir: where .tar shards keep their index.
+    heldout: a batch never trained on (image, text_emb, text_mask, lowres for a super-resolution
+    stage; host arrays): every eval_every steps its loss under the EMA weights goes to
+    metrics.jsonl, by noise level (heldout_loss_fn), with the seconds spent training so far."""
     stage = dataclasses.replace(stage, text_encoder=text_encoder or stage.text_encoder)
     B = tcfg.batch_size
     mesh = mesh or sharding.make_mesh()
@@ -332,6 +368,8 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
     local_B = B // jax.process_count()
     stream = data.host_stream(source, stage, local_B, position, seed, jax.process_index(), jax.process_count(),
                               data_workers)
+    eval_fn = heldout_loss_fn(stage, tcfg) if heldout is not None and eval_every else None
+    train_seconds = _train_seconds(workdir, start)
     pending, skipped, t_log = [], 0, time.time()
     if hasattr(progress, "advance"):  # a bar of a longer job (demo.Progress): it counts this stage's steps
         bar, advance, own_bar = progress, lambda: progress.advance(1, f"{stage.name} step {step}/{tcfg.steps}"), False
@@ -351,14 +389,26 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
             # log every log_every steps (and check the losses are finite)
             if step % log_every == 0 or step == tcfg.steps or stopping:
                 losses = checked_losses(pending, step, last_saved, workdir)
+                train_seconds += time.time() - t_log
                 rec = {"step": step, "loss": float(np.mean(losses[-log_every:])), "lr": float(lr_fn(step - 1)),
-                       "img_per_s": B * len(losses) / (time.time() - t_log), "skipped_images": skipped}
+                       "img_per_s": B * len(losses) / (time.time() - t_log), "skipped_images": skipped,
+                       "train_seconds": round(train_seconds, 3)}
                 if jax.process_index() == 0:
                     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
                         f.write(json.dumps(rec) + "\n")
                 if own_bar:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.1f}")
                 pending, t_log = [], time.time()
+            if eval_fn is not None and (step % eval_every == 0 or step == tcfg.steps):
+                t_eval = time.time()
+                by_bucket = np.asarray(eval_fn(state["ema"], heldout))
+                rec = {"step": step, "heldout_loss": float(by_bucket.mean()),
+                       "train_seconds": round(train_seconds + t_eval - t_log, 3),
+                       "heldout_by_log_snr": dict(zip(map(str, bucket_log_snrs(stage)), by_bucket.tolist()))}
+                if jax.process_index() == 0:
+                    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                t_log += time.time() - t_eval  # the evaluation's time is not training time
             # save every save_every steps, at the end, and when asked to stop
             if step % save_every == 0 or step == tcfg.steps or stopping:
                 checked_losses(pending, step, last_saved, workdir)
@@ -370,6 +420,23 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
     if skipped:
         print(f"{skipped} unreadable examples were replaced by the next readable ones (named in {workdir}/skipped.txt)")
     return state
+
+
+def _train_seconds(workdir, step):
+    """The seconds spent training up to `step` by earlier runs on workdir (from metrics.jsonl)."""
+    seconds = 0.0
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if rec.get("step", step + 1) <= step and "train_seconds" in rec:
+                    seconds = max(seconds, rec["train_seconds"])
+    except FileNotFoundError:
+        pass
+    return seconds
 
 
 def parse_args(argv):
