@@ -298,8 +298,47 @@ def write_report(workdir, result, settings, stages, train_seconds):
         lines.append(f"| {group} (e.g. \"{NEW_LANGUAGE[group][0][0]}\") | {acc['colour'][1]} | {cell('colour')} | "
                      f"{cell('count')} | {cell('position')} |")
     lines += ["", "![prompts outside the grammar, one sample each, in the order of demo.NEW_LANGUAGE](new_language.png)"]
+    lines += ["", "## While training", "",
+              "Each stage's EMA weights sampled the same held-out prompts with the same noise as it trained "
+              "(monitor.py; the 32->64 and 64->128 stages upsample real low-res images), and measured the loss on "
+              "64 held-out examples by noise level; all of it in each stage's metrics.jsonl and TensorBoard "
+              f"(`tensorboard --logdir {workdir}`).", "",
+              "| stage | held-out loss at each evaluation (step: loss) | sample grids |", "| --- | --- | --- |"]
+    for name in imagen.STAGE_NAMES:
+        evals = [r for r in read_metrics(os.path.join(workdir, name)) if "heldout_loss" in r]
+        grids = sorted(os.listdir(os.path.join(workdir, name, "samples"))) if os.path.isdir(
+            os.path.join(workdir, name, "samples")) else []
+        losses = ", ".join(f"{r['step']}: {r['heldout_loss']:.4f}" for r in evals)
+        links = ", ".join(f"[{int(g[5:12])}]({name}/samples/{g})" for g in grids)
+        lines.append(f"| {name} | {losses} | {links} |")
+    if os.path.exists(os.path.join(workdir, "training_samples.png")):
+        lines += ["", "The base's samples over training (one row per sample step, the prompts of samples in "
+                  "base/heldout.npz):", "", "![the base's samples over training](training_samples.png)"]
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def read_metrics(stage_dir):
+    """A stage's metrics.jsonl records ([] before it has any)."""
+    path = os.path.join(stage_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def training_strip(stage_dir, path):
+    """A stage's sample grids stacked, one row per sample step (the step written on each) -> path."""
+    from PIL import ImageDraw  # noqa: PLC0415
+    names = sorted(os.listdir(os.path.join(stage_dir, "samples")))
+    grids = [Image.open(os.path.join(stage_dir, "samples", n)).convert("RGB") for n in names]
+    w, h = grids[0].size
+    out = Image.new("RGB", (w + 64, h * len(grids)), "white")
+    for k, (n, g) in enumerate(zip(names, grids)):
+        out.paste(g, (64, k * h))
+        ImageDraw.Draw(out).text((4, k * h + h // 2 - 5), f"{int(n[5:12])}", fill="black")
+    out.save(path)
+    return path
 
 
 def with_text_encoder(stage_configs, name):
@@ -341,10 +380,13 @@ def main(workdir="runs/demo", stage_configs=None, tcfgs=None, sampling=None, n_e
                 before = json.load(f)
         steps = tcfgs[name].steps
         train.train(stage_configs[name], tcfgs[name], os.path.join(workdir, name),
-                    log_every=max(1, min(50, steps // 10)), save_every=max(100, steps // 3), progress=progress)
+                    log_every=max(1, min(50, steps // 10)), save_every=max(100, steps // 3), progress=progress,
+                    eval_every=max(1, steps // 6), sample_every=max(1, steps // 3))
         train_seconds[name] = before + time.time() - t
         with open(seconds_file, "w") as f:
             json.dump(train_seconds[name], f)
+    if os.path.isdir(os.path.join(workdir, "base", "samples")):
+        training_strip(os.path.join(workdir, "base"), os.path.join(workdir, "training_samples.png"))
     result, settings, stages = evaluate(workdir, sampling, n_eval, n_sweep, EVAL_BATCH, progress=progress)
     progress.close()
     write_report(workdir, result, settings, stages, train_seconds)

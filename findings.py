@@ -36,7 +36,7 @@ import cli
 import data
 import demo
 import imagen
-import t5_encoder
+import monitor
 import train
 from unet import UNetConfig
 
@@ -161,16 +161,6 @@ def _train(stage, tcfg, workdir, seed, progress, heldout=None):
     return path
 
 
-def heldout_batch(stage, examples, encoder, tokenizer):
-    """The held-out examples as a batch for train.heldout_loss_fn: each image cut as the stage
-    trains (a fixed crop), its low-res input, its caption's embeddings."""
-    rng = np.random.default_rng(0)
-    pairs = [data.preprocess(img, stage, rng) for img, _, _, _ in examples]
-    emb, mask = t5_encoder.encode(encoder, tokenizer, [c for _, c, _, _ in examples], stage.text_length, warn=False)
-    batch = {"image": np.stack([x for x, _ in pairs]), "text_emb": np.asarray(emb), "text_mask": np.asarray(mask)}
-    return batch | ({"lowres": np.stack([lo for _, lo in pairs])} if stage.lowres_side else {})
-
-
 def curve(stage_dir):
     """[(seconds of training, held-out loss)] from a stage's metrics.jsonl."""
     with open(os.path.join(stage_dir, "metrics.jsonl")) as f:
@@ -217,7 +207,8 @@ def run(name, workdir="runs/findings", seeds=(0, 1), updates=None, n_eval=64, sw
                 base_dir = _train(stages["base"], base_tcfg, workdir, seed, progress)
                 lowres[seed] = imagen.generate([checkpoints.load_stage(base_dir)], enc, tok, captions,
                                                [imagen.SAMPLING["demo"]["base"]], demo.EVAL_SEED + seed, bs)
-            held = heldout_batch(stage, examples, enc, tok) if finding.measure == "heldout" else None
+            held = (monitor.heldout_set(stage, [e[:2] for e in examples], enc, tok)
+                    if finding.measure == "heldout" else None)
             path = _train(stage, tcfg, workdir, seed, progress, held)
             loaded = checkpoints.load_stage(path)
             for aug in finding.aug_levels:

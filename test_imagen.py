@@ -7,6 +7,7 @@ training, the cascade and its checkpoints, the command lines, the demo.
 """
 
 import argparse
+import collections
 import dataclasses
 import io
 import itertools
@@ -15,6 +16,7 @@ import math
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
@@ -56,6 +58,7 @@ import text_cache  # noqa: E402
 import sharding  # noqa: E402
 import t5_encoder as T5  # noqa: E402
 import train  # noqa: E402
+import monitor  # noqa: E402
 import unet as U  # noqa: E402
 
 # Tiny networks and stages shared by the sections below (the demo encoder's width where a stage is
@@ -904,8 +907,8 @@ def test_one_real_train_step_per_stage(name):
         assert b["lowres"].shape == (8, 16, 16, 3)  # sr2: a 32 crop of a 64 image, lowres 32 / 2
     before = jax.tree.map(np.asarray, state["params"])
     for _ in range(2):  # the warm-up starts at learning rate 0
-        state, loss = step(state, b)
-    assert np.isfinite(float(loss)) and int(state["step"]) == 2
+        state, out = step(state, b)
+    assert np.isfinite(float(out["loss"])) and float(out["grad_norm"]) > 0 and int(state["step"]) == 2
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, b), before, state["params"]))
     assert any(changed)
 
@@ -962,8 +965,8 @@ def test_meshes_and_micro_batches_equal_one_device_one_batch(monkeypatch):
             assert state["opt"][1][0].mu["down"][1]["res"][0]["conv1"]["kernel"].sharding == kernel.sharding
         losses = []
         for _ in range(3):
-            state, loss = step(state, b)
-            losses.append(float(loss))
+            state, out = step(state, b)
+            losses.append(float(out["loss"]))
         results[(devices, accum, fsdp, in_step)] = (losses, jax.tree.map(np.asarray, state["params"]))
     ref_losses, ref_params = results[(1, 1, 1, False)]
     for key, (losses, params) in results.items():
@@ -1019,11 +1022,10 @@ def test_stopped_and_resumed_on_other_meshes_equals_uninterrupted(tmp_path, monk
     # saved sharded on 8 devices (fsdp=8), resumed on 1: the losses of an uninterrupted 8-device
     # run; and sampling loads the EMA of a sharded checkpoint. Run b also measures its held-out
     # loss every 2 steps, which changes none of its training losses
-    import findings
     monkeypatch.setattr(sharding, "FSDP_MIN_SIZE", TINY_FSDP_MIN_SIZE)
     stage = TINY_STAGES["base"]
-    held = findings.heldout_batch(stage, demo.heldout_examples(4, stage.side),
-                                  *data.load_text_encoder(stage.text_encoder))
+    held = monitor.heldout_set(stage, [e[:2] for e in demo.heldout_examples(4, stage.side)],
+                               *data.load_text_encoder(stage.text_encoder))
     _train(tmp_path / "a", 4)
     _train(tmp_path / "b", 2, mesh=sharding.make_mesh(fsdp=8), heldout=held, eval_every=2)
     loaded = checkpoints.load_stage(str(tmp_path / "b"))
@@ -1039,14 +1041,73 @@ def test_stopped_and_resumed_on_other_meshes_equals_uninterrupted(tmp_path, monk
     assert [r["step"] for r in evals] == [2, 4]
     for r in evals:
         snrs = [float(k) for k in r["heldout_by_log_snr"]]
-        assert len(snrs) == train.HELDOUT_BUCKETS and snrs == sorted(snrs, reverse=True)
+        assert len(snrs) == monitor.HELDOUT_BUCKETS and snrs == sorted(snrs, reverse=True)
         assert np.isclose(r["heldout_loss"], np.mean(list(r["heldout_by_log_snr"].values())))
     assert 0 < evals[0]["train_seconds"] < evals[1]["train_seconds"]
     assert evals[0]["heldout_loss"] != evals[1]["heldout_loss"]
     # the same weights give the same held-out loss: its times and noise are fixed
-    fn = train.heldout_loss_fn(stage, TINY_TRAIN)
-    params = nnx.state(loaded.model, nnx.Param)
-    np.testing.assert_array_equal(fn(params, held), fn(params, held))
+    fn = monitor.heldout_loss_fn(stage, TINY_TRAIN)
+    params, batch = nnx.state(loaded.model, nnx.Param), monitor.loss_batch(held)
+    np.testing.assert_array_equal(fn(params, batch), fn(params, batch))
+
+
+def _events(logdir):
+    """TensorBoard's event files in logdir -> {tag: {step: value}} (scalars) and {step: PNG bytes}
+    (images), read record by record (length, CRC, an Event proto, CRC)."""
+    from tensorboardX.proto import event_pb2
+    scalars, images = collections.defaultdict(dict), {}
+    for name in sorted(os.listdir(logdir)):
+        raw = (logdir / name).read_bytes()
+        i = 0
+        while i < len(raw):
+            n = struct.unpack("<Q", raw[i:i + 8])[0]
+            ev = event_pb2.Event.FromString(raw[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in ev.summary.value:
+                if v.HasField("image"):
+                    images[ev.step] = v.image.encoded_image_string
+                else:
+                    scalars[v.tag][ev.step] = v.simple_value
+    return scalars, images
+
+
+def test_a_watched_run_writes_samples_heldout_loss_and_tensorboard(tmp_path, monkeypatch, capsys):
+    # the held-out loss and the samples every 2 steps change no training loss; metrics.jsonl and
+    # TensorBoard hold the same numbers; one grid per sample step, the same noise every time
+    _train(tmp_path / "plain", 4)
+    _train(tmp_path / "w", 4, eval_every=2, sample_every=2)
+    np.testing.assert_allclose([l for _, l in _losses(tmp_path / "w")], [l for _, l in _losses(tmp_path / "plain")],
+                               rtol=1e-6)
+    with open(tmp_path / "w" / "metrics.jsonl") as f:
+        recs = [json.loads(line) for line in f]
+    evals = {r["step"]: r for r in recs if "heldout_loss" in r}
+    assert sorted(evals) == [2, 4] and len(evals[4]["heldout_by_log_snr"]) == monitor.HELDOUT_BUCKETS
+    assert sorted(r["step"] for r in recs if "sample_seconds" in r) == [2, 4]
+    scalars, images = _events(tmp_path / "w" / "tensorboard")
+    assert scalars["train/loss"] == pytest.approx({r["step"]: r["loss"] for r in recs if "loss" in r})
+    assert sorted(scalars["train/grad_norm"]) == [1, 2, 3, 4] and all(v > 0 for v in scalars["train/grad_norm"].values())
+    assert scalars["heldout_loss"] == pytest.approx({k: r["heldout_loss"] for k, r in evals.items()})
+    snr_tags = [t for t in scalars if t.startswith("heldout_loss/log_snr_")]
+    assert len(snr_tags) == monitor.HELDOUT_BUCKETS and all(sorted(scalars[t]) == [2, 4] for t in snr_tags)
+    grids = sorted(os.listdir(tmp_path / "w" / "samples"))
+    assert grids == ["step_0000002.png", "step_0000004.png"] and sorted(images) == [2, 4]
+    g2, g4 = (np.asarray(Image.open(tmp_path / "w" / "samples" / g)) for g in grids)
+    assert g2.shape == (16, 16 * monitor.SAMPLE_COUNT, 3) and not np.array_equal(g2, g4)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(images[4])))[..., :3], g4)
+    # fixed noise: the same weights give the same grid; a super-resolution stage upsamples real
+    # low-res images of the held-out examples
+    stage = TINY_STAGES["sr1"]
+    held = monitor.load_heldout(str(tmp_path / "sr"), stage, "shapes")
+    assert held["sample_lowres"].shape == (monitor.SAMPLE_COUNT, 16, 16, 3) and held["lowres"].shape[1:] == (16, 16, 3)
+    fn = monitor.sampler(stage, held)
+    params = nnx.state(imagen.init_network(stage), nnx.Param)
+    np.testing.assert_array_equal(fn(params), fn(params))
+    assert fn(params).shape == (monitor.SAMPLE_COUNT, 32, 32, 3)
+    assert os.path.exists(tmp_path / "sr" / "heldout.npz")
+    # without tensorboardX, training runs and says so once
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)
+    _train(tmp_path / "w", 5, eval_every=2, sample_every=2)
+    assert capsys.readouterr().out.count("TensorBoard logging is off") == 1
 
 
 def test_sigterm_saves_a_state_and_position_that_belong_together(tmp_path, monkeypatch):

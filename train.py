@@ -44,6 +44,7 @@ import cli
 import data
 import diffusion
 import imagen
+import monitor
 import sharding
 import t5_encoder
 from text_cache import open_text
@@ -88,6 +89,11 @@ TRAIN_PRESETS = {
 }
 
 
+# watching a run (monitor.py): held-out loss and sample grids every N steps, by preset; not part
+# of TrainConfig (they change no weight; checkpoints do not record them)
+WATCH_EVERY = {"paper": {"eval_every": 5000, "sample_every": 20000}, "demo": {"eval_every": 250, "sample_every": 500}}
+
+
 def make_optimizer(tcfg: TrainConfig):
     """§4.1 / App. F: Adafactor (optax defaults) for the base model, Adam for the SR models,
     after global-norm clipping; warm-up then cosine decay."""
@@ -115,7 +121,7 @@ def abstract_state(stage, tcfg):
 
 
 def make_train_step(graphdef, stage, tcfg, grad_accum: int, seed: int, mesh=None, text_graphdef=None):
-    """The whole update as one function to be jitted: (state, batch) -> (state, loss) when the
+    """The whole update as one function to be jitted: (state, batch) -> (state, {loss, grad_norm}) when the
     batch holds text embeddings (the offline cache), (state, batch, text_weights) when it holds
     token ids and the frozen encoder (text_graphdef) runs inside the step."""
     optimizer, _ = make_optimizer(tcfg)
@@ -153,7 +159,8 @@ def make_train_step(graphdef, stage, tcfg, grad_accum: int, seed: int, mesh=None
         else:
             carry, _ = jax.lax.scan(accumulate, carry, micro)
         loss, grads = jax.tree.map(lambda g: g / grad_accum, carry)
-        loss = jnp.where(jnp.isfinite(optax.global_norm(grads)), loss, jnp.nan)  # a bad gradient: NaN too
+        grad_norm = optax.global_norm(grads)
+        loss = jnp.where(jnp.isfinite(grad_norm), loss, jnp.nan)  # a bad gradient: NaN too
         updates, opt = optimizer.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         # paper: not specified how the EMA starts; the usual warm-up min(decay, (1 + n) / (10 + n))
@@ -161,7 +168,7 @@ def make_train_step(graphdef, stage, tcfg, grad_accum: int, seed: int, mesh=None
         n = state["step"].astype(jnp.float32)
         d = jnp.minimum(tcfg.ema_decay, (1.0 + n) / (10.0 + n))
         ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
-        return {"params": params, "ema": ema, "opt": opt, "step": state["step"] + 1}, loss
+        return {"params": params, "ema": ema, "opt": opt, "step": state["step"] + 1}, {"loss": loss, "grad_norm": grad_norm}
 
     return train_step
 
@@ -197,39 +204,6 @@ def _compile_step(stage, tcfg, mesh, grad_accum, seed, text):
         in_sh += (sharding.state_shardings(mesh, text[1].unflatten(text[2])),)
     return jax.jit(step, in_shardings=in_sh, out_shardings=(state_sh, NamedSharding(mesh, P())),
                    donate_argnums=0)
-
-
-HELDOUT_BUCKETS = 8  # paper: not specified (it reports no held-out loss); t in 8 equal slices
-
-
-def heldout_loss_fn(stage, tcfg, buckets=HELDOUT_BUCKETS, seed=0):
-    """-> a jitted (params, batch) -> (buckets,) held-out loss: the batch (image, text_emb,
-    text_mask, and lowres for a super-resolution stage) at `buckets` noise levels, t in equal
-    slices [k/K, (k+1)/K) of [0, 1] (so each a range of log-SNR: the loss differs by orders of
-    magnitude across them), the text always kept. Every call draws the same times and noise,
-    so two calls differ only by the weights."""
-    graphdef, _ = nnx.split(imagen.abstract_network(stage))
-    log_snr_fn = diffusion.SCHEDULES[stage.schedule]
-
-    def f(params, batch):
-        model = nnx.merge(graphdef, params)
-        B = batch["image"].shape[0]
-        lowres = batch["lowres"] if stage.lowres_side else None
-
-        def at(k):
-            key = jax.random.fold_in(jax.random.PRNGKey(seed), k)
-            t_B = (k + jax.random.uniform(key, (B,))) / buckets
-            keys = jax.random.split(jax.random.fold_in(key, 1), B)
-            return diffusion.diffusion_loss(model, batch["image"], batch["text_emb"], batch["text_mask"], keys,
-                                            log_snr_fn, 0.0, lowres, tcfg.max_aug_level, stage.prediction, t_B)
-        return jnp.stack([at(k) for k in range(buckets)])
-    return jax.jit(f)
-
-
-def bucket_log_snrs(stage, buckets=HELDOUT_BUCKETS):
-    """The log-SNR at the middle of each held-out bucket (its label)."""
-    log_snr_fn = diffusion.SCHEDULES[stage.schedule]
-    return [round(float(log_snr_fn(jnp.float32((k + 0.5) / buckets))), 2) for k in range(buckets)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,13 +311,15 @@ def all_positions(position):
 
 def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_cache=None,
           grad_accum=1, seed=0, log_every=10, save_every=1000, progress=True, mesh=None,
-          data_workers=0, index_dir=None, heldout=None, eval_every=0):
+          data_workers=0, index_dir=None, eval_every=0, sample_every=0, heldout=None, heldout_data=None):
     """Train `stage` up to tcfg.steps updates in total (resuming from workdir); -> the state.
     mesh: a sharding.make_mesh() mesh (default: every device on 'data'); data_workers: decode
     processes (0: threads of this one); index_dir: where .tar shards keep their index.
-    heldout: a batch never trained on (image, text_emb, text_mask, lowres for a super-resolution
-    stage; host arrays): every eval_every steps its loss under the EMA weights goes to
-    metrics.jsonl, by noise level (heldout_loss_fn), with the seconds spent training so far."""
+    Watching it (monitor.py): every eval_every steps the EMA weights' held-out loss by noise
+    level, every sample_every steps a grid of samples with fixed noise (WORKDIR/samples), both
+    with the training scalars in metrics.jsonl and TensorBoard (WORKDIR/tensorboard). The
+    held-out set: heldout_data (a dataset like data_spec), the shapes dataset's held-out captions,
+    or a batch given as `heldout` (monitor.heldout_set)."""
     stage = dataclasses.replace(stage, text_encoder=text_encoder or stage.text_encoder)
     B = tcfg.batch_size
     mesh = mesh or sharding.make_mesh()
@@ -368,7 +344,17 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
     local_B = B // jax.process_count()
     stream = data.host_stream(source, stage, local_B, position, seed, jax.process_index(), jax.process_count(),
                               data_workers)
-    eval_fn = heldout_loss_fn(stage, tcfg) if heldout is not None and eval_every else None
+    # watching it: the held-out set, the samples, TensorBoard
+    if heldout is None and (eval_every or sample_every):
+        heldout = monitor.load_heldout(workdir, stage, data_spec, heldout_data)
+        if heldout is None:
+            print(f"no held-out loss or samples: {data_spec} has no held-out split (give --heldout-data)")
+    watched = heldout is not None
+    eval_fn = monitor.heldout_loss_fn(stage, tcfg) if watched and eval_every else None
+    sample_fn = monitor.sampler(stage, heldout) if watched and sample_every else None
+    writer = monitor.open_writer(workdir, start)
+    peak = monitor.peak_tflops(stage)
+    step_tflop = 3 * B * imagen.forward_flops(stage, compile=False) / 1e12  # forward + backward, the U-Net's
     train_seconds = _train_seconds(workdir, start)
     pending, skipped, t_log = [], 0, time.time()
     if hasattr(progress, "advance"):  # a bar of a longer job (demo.Progress): it counts this stage's steps
@@ -377,38 +363,53 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
     else:
         bar = tqdm(total=tcfg.steps, initial=start, desc=f"train {stage.name}", unit="step", disable=not progress)
         advance, own_bar = lambda: bar.update(1), True
-    with cli.StopSignals() as stop, (bar if own_bar else contextlib.nullcontext()), contextlib.closing(stream):
+
+    def log(rec, images=None):
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        monitor.write(writer, rec, images)
+
+    with cli.StopSignals() as stop, (bar if own_bar else contextlib.nullcontext()), contextlib.closing(stream), \
+            (writer or contextlib.nullcontext()):
         for step in range(start + 1, tcfg.steps + 1):
             # one update on the next batch; the position moves on only once the step is done
             batch, bad = global_batch(stream, stage, text, mesh)
-            state, loss = step_fn(state, batch, *text_args)
+            state, out = step_fn(state, batch, *text_args)
             position, skipped = position + local_B, skipped + note_skipped(workdir, source, *bad)
-            pending.append(loss)
+            pending.append(out)
             advance()
             stopping = stop.agreed(at_log_step=step % log_every == 0)
             # log every log_every steps (and check the losses are finite)
             if step % log_every == 0 or step == tcfg.steps or stopping:
-                losses = checked_losses(pending, step, last_saved, workdir)
-                train_seconds += time.time() - t_log
-                rec = {"step": step, "loss": float(np.mean(losses[-log_every:])), "lr": float(lr_fn(step - 1)),
-                       "img_per_s": B * len(losses) / (time.time() - t_log), "skipped_images": skipped,
-                       "train_seconds": round(train_seconds, 3)}
-                if jax.process_index() == 0:
-                    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                losses = checked_losses([o["loss"] for o in pending], step, last_saved, workdir)
+                seconds = time.time() - t_log
+                train_seconds += seconds
+                rec = {"step": step, "loss": float(np.mean(losses)), "lr": float(lr_fn(step - 1)),
+                       "grad_norm": float(np.mean(jax.device_get([o["grad_norm"] for o in pending]))),
+                       "img_per_s": B * len(losses) / seconds, "tflops": step_tflop * len(losses) / seconds,
+                       "skipped_images": skipped, "train_seconds": round(train_seconds, 3)}
+                if peak:
+                    rec["mfu"] = rec["tflops"] / peak
+                log(rec)
                 if own_bar:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.1f}")
                 pending, t_log = [], time.time()
+            # the held-out loss and the samples (their time is not training time)
+            t_watch = time.time()
             if eval_fn is not None and (step % eval_every == 0 or step == tcfg.steps):
-                t_eval = time.time()
-                by_bucket = np.asarray(eval_fn(state["ema"], heldout))
-                rec = {"step": step, "heldout_loss": float(by_bucket.mean()),
-                       "train_seconds": round(train_seconds + t_eval - t_log, 3),
-                       "heldout_by_log_snr": dict(zip(map(str, bucket_log_snrs(stage)), by_bucket.tolist()))}
+                by_bucket = np.asarray(eval_fn(state["ema"], monitor.loss_batch(heldout)))
+                log({"step": step, "heldout_loss": float(by_bucket.mean()),
+                     "train_seconds": round(train_seconds + t_watch - t_log, 3),
+                     "eval_seconds": round(time.time() - t_watch, 3),
+                     "heldout_by_log_snr": dict(zip(map(str, monitor.bucket_log_snrs(stage)), by_bucket.tolist()))})
+            if sample_fn is not None and (step % sample_every == 0 or step == tcfg.steps):
+                t = time.time()
+                images = sample_fn(state["ema"])
                 if jax.process_index() == 0:
-                    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                t_log += time.time() - t_eval  # the evaluation's time is not training time
+                    monitor.save_grid(workdir, step, images)
+                log({"step": step, "sample_seconds": round(time.time() - t, 3)}, images)
+            t_log += time.time() - t_watch
             # save every save_every steps, at the end, and when asked to stop
             if step % save_every == 0 or step == tcfg.steps or stopping:
                 checked_losses(pending, step, last_saved, workdir)
@@ -455,6 +456,15 @@ def parse_args(argv):
     p.add_argument("--text-cache", default=None,
                    help="directory of the offline T5 embedding cache (default: encode inside the step)")
     p.add_argument("--log-every", type=cli.positive_int, default=10)
+    p.add_argument("--eval-every", type=cli.nonnegative_int, default=None,
+                   help="held-out loss by noise level every N steps (0: never; default: the preset's, "
+                        f"{WATCH_EVERY['demo']['eval_every']} for the demo)")
+    p.add_argument("--sample-every", type=cli.nonnegative_int, default=None,
+                   help="a grid of samples with fixed noise every N steps, WORKDIR/samples (0: never; default: "
+                        f"the preset's, {WATCH_EVERY['demo']['sample_every']} for the demo)")
+    p.add_argument("--heldout-data", default=None,
+                   help="examples never trained on, like --data, for the held-out loss and the samples "
+                        "(default: the shapes dataset's held-out captions; other data: none)")
     p.add_argument("--save-every", type=cli.positive_int, default=1000)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype (default: bfloat16 on accelerators, float32 on CPU)")
@@ -497,7 +507,9 @@ def _main(argv):
     workdir = args.workdir or os.path.join("runs", args.preset, args.stage)  # sample.py reads runs/<preset>
     train(stage, tcfg, workdir, data_spec=args.data, text_encoder=args.text_encoder, text_cache=args.text_cache,
           grad_accum=args.grad_accum, seed=args.seed, log_every=args.log_every, save_every=args.save_every,
-          mesh=mesh, data_workers=args.data_workers, index_dir=args.index_dir)
+          mesh=mesh, data_workers=args.data_workers, index_dir=args.index_dir, heldout_data=args.heldout_data,
+          **{k: WATCH_EVERY[args.preset][k] if getattr(args, k) is None else getattr(args, k)
+             for k in ("eval_every", "sample_every")})
 
 
 if __name__ == "__main__":
