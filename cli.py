@@ -5,6 +5,8 @@ signals a long run stops on. An unexpected error still shows its traceback: it i
 report."""
 
 import argparse
+import contextlib
+import fcntl
 import math
 import os
 import signal
@@ -99,6 +101,33 @@ class StopSignals:
     def __exit__(self, *exc):
         for s, handler in self._old.items():
             signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir):
+    """Hold WORKDIR/.lock exclusively (fcntl.flock) for the run: a second run on the same workdir
+    is refused, naming the holder, instead of both deleting each other's checkpoints. The kernel
+    releases the lock on any exit, a kill included. Several hosts: process 0 alone writes, so it
+    alone locks."""
+    if jax.process_index() != 0:
+        yield
+        return
+    os.makedirs(workdir, exist_ok=True)
+    f = open(os.path.join(workdir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not said which"
+        f.close()
+        raise UserError(f"{workdir} is in use by another run ({holder}): wait for it to end, stop it, "
+                        "or give another --workdir") from None
+    with f:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
+        f.flush()
+        yield
 
 
 def use_every_core():

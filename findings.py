@@ -193,8 +193,10 @@ def run(name, workdir="runs/findings", seeds=(0, 1), updates=None, n_eval=64, sw
     arms, curves, t0 = {}, {}, time.time()
     # the time left: arm-seeds still to train at the mean time of those trained so far, reused
     # ones at the mean time of their sweeps
-    trained = lambda label, seed: os.path.isdir(os.path.join(arm_dir(
-        workdir, finding.arms[label].stage(stage0), finding.arms[label].train(tcfg0), seed, create=False), "checkpoints"))
+    def trained(label, seed):
+        arm = finding.arms[label]
+        return os.path.isdir(os.path.join(arm_dir(workdir, arm.stage(stage0), arm.train(tcfg0), seed, create=False),
+                                          "checkpoints"))
     todo = {(label, seed): trained(label, seed) for label in finding.arms for seed in seeds}
     spent = {True: [], False: []}  # reused?: minutes per arm-seed
     lowres = {}  # seed -> the base's samples the super-resolution arms upsample
@@ -328,7 +330,8 @@ def plot(result, path):
 
 def table_row(result):
     """The finding's row of docs/findings.md."""
-    what = "held-out loss at equal training time" if result.get("measure") == "heldout" else "best alignment over the sweep"
+    heldout = result.get("measure") == "heldout"
+    what = "held-out loss at equal training time" if heldout else "best alignment over the sweep"
     best_ = ", ".join(f"{k} {v:.3f} (seeds +- {result['seed_spread'][k] / 2:.3f})" for k, v in result["best"].items())
     return (f"| `{result['finding']}` | {result['claim']} ({result['section']}) | {what}: "
             f"{best_}; {len(result['seeds'])} seeds, {result['updates']} updates | {result['verdict']} |")

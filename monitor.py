@@ -103,8 +103,8 @@ def heldout_set(stage, examples, encoder, tokenizer):
     if stage.lowres_side:
         low = stage.lowres_side
         out["lowres"] = np.stack([lo for _, lo in pairs])
-        out["sample_lowres"] = np.stack([data.to_array(data.center_crop(img, stage.side).resize((low, low), Image.BICUBIC))
-                                         for img, _ in examples[:SAMPLE_COUNT]])
+        whole = [data.center_crop(img, stage.side).resize((low, low), Image.BICUBIC) for img, _ in examples[:SAMPLE_COUNT]]
+        out["sample_lowres"] = np.stack([data.to_array(img) for img in whole])
     return out
 
 
@@ -146,19 +146,19 @@ def sampler(stage, heldout, settings=None, seed=0):
     txt, mask = jnp.asarray(heldout["text_emb"][:n]), jnp.asarray(heldout["text_mask"][:n])
     lowres = jnp.asarray(heldout["sample_lowres"][:n]) if stage.lowres_side else None
     graphdef, _ = nnx.split(imagen.abstract_network(stage))
-    run = imagen._sampler(graphdef, stage.schedule, stage.prediction, (n, stage.side, stage.side, stage.unet.in_channels),
-                          s.guidance != 1.0, s.steps, s.sampler, s.gamma, s.threshold, s.p)
+    shape = (n, stage.side, stage.side, stage.unet.in_channels)
+    run = imagen._sampler(graphdef, stage.schedule, stage.prediction, shape, s.guidance != 1.0, s.steps, s.sampler,
+                          s.gamma, s.threshold, s.p)
     key = jax.random.PRNGKey(seed)
     return lambda params: imagen.to_uint8(jnp.clip(run(params, key, txt, mask, lowres, jnp.float32(s.guidance),
                                                        jnp.float32(s.aug_level)), -1.0, 1.0))
 
 
 def save_grid(workdir, step, images):
-    """WORKDIR/samples/step_NNNNNNN.png (written whole, then renamed) -> its path."""
-    import sample  # noqa: PLC0415 (sample.py's grid; it needs nothing of this module)
+    """The images in one row, WORKDIR/samples/step_NNNNNNN.png (written whole, then renamed) -> its path."""
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
-    sample.grid(images, cols=len(images)).save(path + ".tmp.png")
+    Image.fromarray(np.concatenate(list(images), axis=1)).save(path + ".tmp.png")
     os.replace(path + ".tmp.png", path)
     return path
 

@@ -1135,6 +1135,17 @@ def test_sigterm_saves_a_state_and_position_that_belong_together(tmp_path, monke
     np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=1e-6)
 
 
+def test_a_second_run_on_a_locked_workdir_is_refused(tmp_path):
+    # two trainings on one workdir would delete each other's checkpoints: the second is refused,
+    # naming the first; the lock goes with the run that held it
+    with cli.workdir_lock(str(tmp_path)):
+        with pytest.raises(cli.UserError, match=r"in use by another run \(pid \d+: .*\): wait for it to end"):
+            _train(tmp_path, 1)
+    assert not os.path.exists(tmp_path / "checkpoints")
+    _train(tmp_path, 1)
+    assert checkpoints.checkpoint_manager(str(tmp_path)).latest_step() == 1
+
+
 def test_mismatched_checkpoint_is_refused(tmp_path, capsys):
     _train(tmp_path, 1)
     other = dataclasses.replace(TINY_STAGES["base"], unet=dataclasses.replace(TINY_STAGES["base"].unet, channels=8))

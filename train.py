@@ -325,102 +325,104 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
     mesh = mesh or sharding.make_mesh()
     if B % (grad_accum * mesh.size) or B % jax.process_count():
         raise SystemExit(f"--batch-size {B} must divide by --grad-accum x devices = {grad_accum} x {mesh.size}")
-    os.makedirs(workdir, exist_ok=True)
-    # set-up: the data, the text encoder
-    source = data.open_source(data_spec, seed, index_dir)
-    text = open_text(stage, text_cache, source, mesh)
-    # restore or init, then compile the step
-    mngr = checkpoints.checkpoint_manager(workdir)
-    meta = checkpoint_meta(stage, tcfg, seed, data_spec, [0] * jax.process_count())
-    state, position = restore_or_init(mngr, stage, tcfg, meta, seed, mesh, workdir)
-    start = last_saved = int(state["step"])
-    if start >= tcfg.steps:
-        print(f"{workdir} is already at step {start}: nothing to do for --steps {tcfg.steps} "
-              f"(give more --steps to train on)")
+    with cli.workdir_lock(workdir):  # one run per workdir, until this one ends
+        # set-up: the data, the text encoder
+        source = data.open_source(data_spec, seed, index_dir)
+        text = open_text(stage, text_cache, source, mesh)
+        # restore or init, then compile the step
+        mngr = checkpoints.checkpoint_manager(workdir)
+        meta = checkpoint_meta(stage, tcfg, seed, data_spec, [0] * jax.process_count())
+        state, position = restore_or_init(mngr, stage, tcfg, meta, seed, mesh, workdir)
+        start = last_saved = int(state["step"])
+        if start >= tcfg.steps:
+            print(f"{workdir} is already at step {start}: nothing to do for --steps {tcfg.steps} "
+                  f"(give more --steps to train on)")
+            return state
+        step_fn = compile_step(stage, tcfg, mesh, grad_accum, seed, text[2])
+        text_args = () if text[3] is None else (text[3],)
+        _, lr_fn = make_optimizer(tcfg)
+        local_B = B // jax.process_count()
+        stream = data.host_stream(source, stage, local_B, position, seed, jax.process_index(), jax.process_count(),
+                                  data_workers)
+        # watching it: the held-out set, the samples, TensorBoard
+        if heldout is None and (eval_every or sample_every):
+            heldout = monitor.load_heldout(workdir, stage, data_spec, heldout_data)
+            if heldout is None:
+                print(f"no held-out loss or samples: {data_spec} has no held-out split (give --heldout-data)")
+        watched = heldout is not None
+        eval_fn = monitor.heldout_loss_fn(stage, tcfg) if watched and eval_every else None
+        sample_fn = monitor.sampler(stage, heldout) if watched and sample_every else None
+        writer = monitor.open_writer(workdir, start)
+        peak = monitor.peak_tflops(stage)
+        step_tflop = 3 * B * imagen.forward_flops(stage, compile=False) / 1e12  # forward + backward, the U-Net's
+        train_seconds = _train_seconds(workdir, start)
+        pending, skipped, t_log = [], 0, time.time()
+        if hasattr(progress, "advance"):  # a bar of a longer job (demo.Progress): it counts this stage's steps
+            bar, own_bar = progress, False
+            advance = lambda: progress.advance(1, f"{stage.name} step {step}/{tcfg.steps}")  # noqa: E731
+            progress.advance(start, f"{stage.name} step {start}/{tcfg.steps}", skipped=True)
+        else:
+            bar = tqdm(total=tcfg.steps, initial=start, desc=f"train {stage.name}", unit="step", disable=not progress)
+            advance, own_bar = lambda: bar.update(1), True
+
+        def log(rec, images=None):
+            if jax.process_index() == 0:
+                with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            monitor.write(writer, rec, images)
+
+        with cli.StopSignals() as stop, (bar if own_bar else contextlib.nullcontext()), contextlib.closing(stream), \
+                (writer or contextlib.nullcontext()):
+            for step in range(start + 1, tcfg.steps + 1):
+                # one update on the next batch; the position moves on only once the step is done
+                batch, bad = global_batch(stream, stage, text, mesh)
+                state, out = step_fn(state, batch, *text_args)
+                position, skipped = position + local_B, skipped + note_skipped(workdir, source, *bad)
+                pending.append(out)
+                advance()
+                stopping = stop.agreed(at_log_step=step % log_every == 0)
+                # log every log_every steps (and check the losses are finite)
+                if step % log_every == 0 or step == tcfg.steps or stopping:
+                    losses = checked_losses([o["loss"] for o in pending], step, last_saved, workdir)
+                    seconds = time.time() - t_log
+                    train_seconds += seconds
+                    rec = {"step": step, "loss": float(np.mean(losses)), "lr": float(lr_fn(step - 1)),
+                           "grad_norm": float(np.mean(jax.device_get([o["grad_norm"] for o in pending]))),
+                           "img_per_s": B * len(losses) / seconds, "tflops": step_tflop * len(losses) / seconds,
+                           "skipped_images": skipped, "train_seconds": round(train_seconds, 3)}
+                    if peak:
+                        rec["mfu"] = rec["tflops"] / peak
+                    log(rec)
+                    if own_bar:
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.1f}")
+                    pending, t_log = [], time.time()
+                # the held-out loss and the samples (their time is not training time)
+                t_watch = time.time()
+                if eval_fn is not None and (step % eval_every == 0 or step == tcfg.steps):
+                    by_bucket = np.asarray(eval_fn(state["ema"], monitor.loss_batch(heldout)))
+                    log({"step": step, "heldout_loss": float(by_bucket.mean()),
+                         "train_seconds": round(train_seconds + t_watch - t_log, 3),
+                         "eval_seconds": round(time.time() - t_watch, 3),
+                         "heldout_by_log_snr": dict(zip(map(str, monitor.bucket_log_snrs(stage)), by_bucket.tolist()))})
+                if sample_fn is not None and (step % sample_every == 0 or step == tcfg.steps):
+                    t = time.time()
+                    images = sample_fn(state["ema"])
+                    if jax.process_index() == 0:
+                        monitor.save_grid(workdir, step, images)
+                    log({"step": step, "sample_seconds": round(time.time() - t, 3)}, images)
+                t_log += time.time() - t_watch
+                # save every save_every steps, at the end, and when asked to stop
+                if step % save_every == 0 or step == tcfg.steps or stopping:
+                    checked_losses(pending, step, last_saved, workdir)
+                    checkpoints.save_checkpoint(mngr, state, dict(meta, position=all_positions(position)))
+                    last_saved = step
+                if stopping:
+                    raise SystemExit(f"{stop.requested or 'a signal to another host'}: stopped after step {step}; "
+                                     f"checkpoint saved in {workdir}. Run the same command again to resume.")
+        if skipped:
+            print(f"{skipped} unreadable examples were replaced by the next readable ones "
+                  f"(named in {workdir}/skipped.txt)")
         return state
-    step_fn = compile_step(stage, tcfg, mesh, grad_accum, seed, text[2])
-    text_args = () if text[3] is None else (text[3],)
-    _, lr_fn = make_optimizer(tcfg)
-    local_B = B // jax.process_count()
-    stream = data.host_stream(source, stage, local_B, position, seed, jax.process_index(), jax.process_count(),
-                              data_workers)
-    # watching it: the held-out set, the samples, TensorBoard
-    if heldout is None and (eval_every or sample_every):
-        heldout = monitor.load_heldout(workdir, stage, data_spec, heldout_data)
-        if heldout is None:
-            print(f"no held-out loss or samples: {data_spec} has no held-out split (give --heldout-data)")
-    watched = heldout is not None
-    eval_fn = monitor.heldout_loss_fn(stage, tcfg) if watched and eval_every else None
-    sample_fn = monitor.sampler(stage, heldout) if watched and sample_every else None
-    writer = monitor.open_writer(workdir, start)
-    peak = monitor.peak_tflops(stage)
-    step_tflop = 3 * B * imagen.forward_flops(stage, compile=False) / 1e12  # forward + backward, the U-Net's
-    train_seconds = _train_seconds(workdir, start)
-    pending, skipped, t_log = [], 0, time.time()
-    if hasattr(progress, "advance"):  # a bar of a longer job (demo.Progress): it counts this stage's steps
-        bar, advance, own_bar = progress, lambda: progress.advance(1, f"{stage.name} step {step}/{tcfg.steps}"), False
-        progress.advance(start, f"{stage.name} step {start}/{tcfg.steps}", skipped=True)
-    else:
-        bar = tqdm(total=tcfg.steps, initial=start, desc=f"train {stage.name}", unit="step", disable=not progress)
-        advance, own_bar = lambda: bar.update(1), True
-
-    def log(rec, images=None):
-        if jax.process_index() == 0:
-            with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        monitor.write(writer, rec, images)
-
-    with cli.StopSignals() as stop, (bar if own_bar else contextlib.nullcontext()), contextlib.closing(stream), \
-            (writer or contextlib.nullcontext()):
-        for step in range(start + 1, tcfg.steps + 1):
-            # one update on the next batch; the position moves on only once the step is done
-            batch, bad = global_batch(stream, stage, text, mesh)
-            state, out = step_fn(state, batch, *text_args)
-            position, skipped = position + local_B, skipped + note_skipped(workdir, source, *bad)
-            pending.append(out)
-            advance()
-            stopping = stop.agreed(at_log_step=step % log_every == 0)
-            # log every log_every steps (and check the losses are finite)
-            if step % log_every == 0 or step == tcfg.steps or stopping:
-                losses = checked_losses([o["loss"] for o in pending], step, last_saved, workdir)
-                seconds = time.time() - t_log
-                train_seconds += seconds
-                rec = {"step": step, "loss": float(np.mean(losses)), "lr": float(lr_fn(step - 1)),
-                       "grad_norm": float(np.mean(jax.device_get([o["grad_norm"] for o in pending]))),
-                       "img_per_s": B * len(losses) / seconds, "tflops": step_tflop * len(losses) / seconds,
-                       "skipped_images": skipped, "train_seconds": round(train_seconds, 3)}
-                if peak:
-                    rec["mfu"] = rec["tflops"] / peak
-                log(rec)
-                if own_bar:
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.1f}")
-                pending, t_log = [], time.time()
-            # the held-out loss and the samples (their time is not training time)
-            t_watch = time.time()
-            if eval_fn is not None and (step % eval_every == 0 or step == tcfg.steps):
-                by_bucket = np.asarray(eval_fn(state["ema"], monitor.loss_batch(heldout)))
-                log({"step": step, "heldout_loss": float(by_bucket.mean()),
-                     "train_seconds": round(train_seconds + t_watch - t_log, 3),
-                     "eval_seconds": round(time.time() - t_watch, 3),
-                     "heldout_by_log_snr": dict(zip(map(str, monitor.bucket_log_snrs(stage)), by_bucket.tolist()))})
-            if sample_fn is not None and (step % sample_every == 0 or step == tcfg.steps):
-                t = time.time()
-                images = sample_fn(state["ema"])
-                if jax.process_index() == 0:
-                    monitor.save_grid(workdir, step, images)
-                log({"step": step, "sample_seconds": round(time.time() - t, 3)}, images)
-            t_log += time.time() - t_watch
-            # save every save_every steps, at the end, and when asked to stop
-            if step % save_every == 0 or step == tcfg.steps or stopping:
-                checked_losses(pending, step, last_saved, workdir)
-                checkpoints.save_checkpoint(mngr, state, dict(meta, position=all_positions(position)))
-                last_saved = step
-            if stopping:
-                raise SystemExit(f"{stop.requested or 'a signal to another host'}: stopped after step {step}; "
-                                 f"checkpoint saved in {workdir}. Run the same command again to resume.")
-    if skipped:
-        print(f"{skipped} unreadable examples were replaced by the next readable ones (named in {workdir}/skipped.txt)")
-    return state
 
 
 def _train_seconds(workdir, step):
