@@ -1142,8 +1142,8 @@ def test_a_second_run_on_a_locked_workdir_is_refused(tmp_path):
         with pytest.raises(cli.UserError, match=r"in use by another run \(pid \d+: .*\): wait for it to end"):
             _train(tmp_path, 1)
     assert not os.path.exists(tmp_path / "checkpoints")
-    _train(tmp_path, 1)
-    assert checkpoints.checkpoint_manager(str(tmp_path)).latest_step() == 1
+    _train(tmp_path, 3, log_every=2, save_every=1)  # a save between two log steps checks the losses too
+    assert checkpoints.checkpoint_manager(str(tmp_path)).latest_step() == 3
 
 
 def test_mismatched_checkpoint_is_refused(tmp_path, capsys):

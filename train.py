@@ -413,7 +413,7 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
                 t_log += time.time() - t_watch
                 # save every save_every steps, at the end, and when asked to stop
                 if step % save_every == 0 or step == tcfg.steps or stopping:
-                    checked_losses(pending, step, last_saved, workdir)
+                    checked_losses([o["loss"] for o in pending], step, last_saved, workdir)
                     checkpoints.save_checkpoint(mngr, state, dict(meta, position=all_positions(position)))
                     last_saved = step
                 if stopping:
