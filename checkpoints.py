@@ -2,8 +2,8 @@
 sampling. A checkpoint holds three items: "train" (parameters, optimizer state, step), "ema"
 (the EMA weights, all that sampling reads) and "meta" (JSON: the stage config, the training
 settings, the seed, the data and every host's data position). A checkpoint that cannot be read
-is skipped for the one before it, with a warning; nothing saved is ever deleted but by orbax's
-max_to_keep = 2.
+is skipped for the one before it, with a warning (training also skips one whose recorded step is
+not its folder's: a copied folder); nothing saved is ever deleted but by orbax's max_to_keep = 2.
 """
 
 import dataclasses
@@ -45,9 +45,8 @@ def restore_newest(mngr, restore, set_aside: bool = False):
         except Exception as e:  # any damage to the files: orbax and tensorstore raise many kinds
             note = ""
             if set_aside:
-                os.replace(os.path.join(directory, str(step)), os.path.join(directory, f"broken-{step}"))
+                note = f"; moved to {_set_aside(directory, step)}"
                 mngr.reload()
-                note = f"; moved to broken-{step}"
             print(f"warning: checkpoint {directory}/{step} cannot be read ({type(e).__name__}: "
                   f"{str(e).splitlines()[0][:200] if str(e) else ''}){note}; trying the one before it",
                   file=sys.stderr)
@@ -55,6 +54,14 @@ def restore_newest(mngr, restore, set_aside: bool = False):
         raise UserError(f"no checkpoint in {directory} can be read (steps {steps}): move the folder away "
                         f"to start anew, or restore it from a copy")
     return None
+
+
+def _set_aside(directory, step):
+    """Rename checkpoint STEP to the first free name of broken-STEP, broken-STEP.1, ... -> it."""
+    name = next(n for n in (f"broken-{step}" + (f".{k}" if k else "") for k in range(10 ** 6))
+                if not os.path.exists(os.path.join(directory, n)))
+    os.replace(os.path.join(directory, str(step)), os.path.join(directory, name))
+    return name
 
 
 def save_checkpoint(mngr, state: dict, meta: dict):

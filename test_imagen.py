@@ -1181,7 +1181,19 @@ def test_a_checkpoint_that_cannot_be_read_falls_back_to_the_one_before(tmp_path,
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert [s for s, _ in b] == [1, 2, 3]
     np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=1e-6)
-    for step in (3, 1):  # emptied folders: sampling falls back too, then says none is left
+    # a copied folder whose name is not its step (9, holding step 1) is set aside under a free
+    # name, not resumed from, and deletes nothing newer
+    shutil.copytree(ckpts / "1", ckpts / "9")
+    (ckpts / "broken-9").mkdir()
+    _train(tmp_path / "b", 4)
+    _train(tmp_path / "a", 4)
+    assert (f"checkpoint {ckpts}/9 cannot be read (ValueError: its recorded step is 1, not its folder's); "
+            "moved to broken-9.1") in capsys.readouterr().err
+    assert (ckpts / "broken-9.1").is_dir() and sorted(checkpoints.checkpoint_manager(str(ckpts.parent)).all_steps()) == [3, 4]
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert [s for s, _ in b] == [1, 2, 3, 4]
+    np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=1e-6)
+    for step in (4, 3):  # emptied folders: sampling falls back too, then says none is left
         shutil.rmtree(ckpts / str(step))
         (ckpts / str(step)).mkdir()
     with pytest.raises(cli.UserError, match="no checkpoint in .* can be read"):

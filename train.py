@@ -265,7 +265,10 @@ def restore_or_init(mngr, stage, tcfg, meta, seed, mesh, workdir):
     def restore(step):
         old = checkpoints.read_meta(mngr, step)
         check_config(old, meta, workdir)  # another configuration is refused, not skipped
-        return old, checkpoints.restore_checkpoint(mngr, abstract, step)
+        state = checkpoints.restore_checkpoint(mngr, abstract, step)
+        if int(state["step"]) != step:  # a copied or renamed folder: it would pin every resume
+            raise ValueError(f"its recorded step is {int(state['step'])}, not its folder's")
+        return old, state
 
     found = checkpoints.restore_newest(mngr, restore, set_aside=jax.process_index() == 0)
     if found is None:
