@@ -242,17 +242,23 @@ class TarSource:
         return hashlib.sha256(json.dumps([summary[os.path.abspath(t)] + [t] for t in self.tars]).encode()).hexdigest()
 
 
+def _files(root):
+    """Every file under root, sorted, without entering a linked directory (a link to `.` or `..`
+    would list the same files again, or forever); linked files are listed."""
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
+
+
 def open_source(data: str, seed: int = 0, index_dir=None):
     """--data PATH -> a source: "shapes", a folder, a .tar file, or a folder/glob of .tar files."""
     if data == "shapes":
         return ShapesSource(seed)
     tars = (sorted(glob.glob(data)) if any(c in data for c in "*?[") else [data] if data.endswith(".tar")
-            else sorted(glob.glob(os.path.join(data, "**", "*.tar"), recursive=True)) if os.path.isdir(data) else [])
+            else [p for p in _files(data) if p.endswith(".tar")] if os.path.isdir(data) else [])
     if tars:
         source = TarSource(tars, index_dir)
     elif os.path.isdir(data):
         items = []
-        for path in sorted(glob.glob(os.path.join(data, "**", "*"), recursive=True)):
+        for path in _files(data):
             stem, ext = os.path.splitext(path)
             if ext.lower() in IMAGE_EXTS and os.path.exists(stem + ".txt"):
                 items.append((path, stem + ".txt"))

@@ -1289,6 +1289,11 @@ def test_unreadable_examples_are_replaced_and_counted(tmp_path, shard_dir):
     b = data.host_batch(folder_src, TINY_STAGES["base"], 5, 0, 0)
     assert b[5] == 2 and not {2, 4} & set(b[3]) and b[2][0] == folder_src.caption(int(b[3][0]))
     assert folder_src.caption(4) == "a red \ufffd circle"  # what the text cache stores for it
+    # linked directories are not entered: a link to the folder itself or to its parent would
+    # list the same images again (5 -> 125) or forever
+    os.symlink(".", folder / "self")
+    os.symlink("..", folder / "up")
+    assert len(data.open_source(str(folder))) == 5
 
 
 def test_transparent_images_are_composited_on_white(tmp_path):
