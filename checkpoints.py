@@ -94,13 +94,17 @@ class LoadedStage:
     step: int  # the checkpoint's step
 
 
-def load_stage(stage_dir: str) -> LoadedStage:
+def load_stage(stage_dir: str, step: int | None = None) -> LoadedStage:
     """A stage trained by train.py in stage_dir, for sampling: its config (as recorded in the
     checkpoint, run with this backend's policy) and its EMA weights (nothing else is read), on
-    this process's first device, whatever mesh saved them. Creates nothing in stage_dir."""
+    this process's first device, whatever mesh saved them; the newest readable checkpoint, or
+    the one of `step` (refused, naming those there are, when it is gone). Creates nothing."""
     if not os.path.isdir(os.path.join(stage_dir, "checkpoints")):
         raise FileNotFoundError(stage_dir)
     mngr = checkpoint_manager(stage_dir, create=False)
+    if step is not None and step not in mngr.all_steps():
+        raise UserError(f"{stage_dir} no longer holds the checkpoint of step {step} (it holds steps "
+                        f"{sorted(mngr.all_steps())}): its images cannot be reproduced from these weights")
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def restore(step):
@@ -110,6 +114,8 @@ def load_stage(stage_dir: str) -> LoadedStage:
         ema = mngr.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(params)))["ema"]
         return config, nnx.merge(graphdef, ema)
 
+    if step is not None:
+        return LoadedStage(*restore(step), step)
     found = restore_newest(mngr, restore)
     if found is None:
         raise FileNotFoundError(stage_dir)
@@ -131,13 +137,14 @@ def _missing_stage(workdir, name):
             f"--workdir {d} [--preset paper ...]\nor run `python demo.py` for the demo cascade (runs/demo).")
 
 
-def load_cascade(workdir: str, num_stages: int = 3) -> list[LoadedStage]:
-    """workdir/base, workdir/sr1, workdir/sr2 (train.py workdirs) -> [LoadedStage]. A missing
-    stage is a FileNotFoundError naming the command that makes it."""
+def load_cascade(workdir: str, num_stages: int = 3, steps=None) -> list[LoadedStage]:
+    """workdir/base, workdir/sr1, workdir/sr2 (train.py workdirs) -> [LoadedStage], the newest
+    checkpoints or those of `steps` (one per stage). A missing stage is a FileNotFoundError
+    naming the command that makes it."""
     stages = []
-    for name in imagen.STAGE_NAMES[:num_stages]:
+    for k, name in enumerate(imagen.STAGE_NAMES[:num_stages]):
         try:
-            stages.append(load_stage(os.path.join(workdir, name)))
+            stages.append(load_stage(os.path.join(workdir, name), steps[k] if steps else None))
         except FileNotFoundError:
             raise FileNotFoundError(_missing_stage(workdir, name)) from None
     return stages

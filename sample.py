@@ -150,18 +150,64 @@ def output_dir(args):
     return out
 
 
-def run(args):
-    if args.settings:  # reproduce an earlier run exactly
-        with open(args.settings) as f:
+def save(img, path):
+    """A PNG written whole or not at all (a temporary name, then renamed)."""
+    img.save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+
+
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def read_settings(path):
+    """An earlier run's settings.json -> (prompts, seed, batch size, workdir, checkpoint steps,
+    [SampleSettings]), every value checked as its flag is; a fault names the file and the field."""
+    try:
+        with open(path) as f:
             saved = json.load(f)
-        args.prompts, args.seed, args.batch_size = saved["prompts"], saved["seed"], saved["batch_size"]
-        args.stages, args.workdir = len(saved["stages"]), saved["workdir"]
+        prompts, stages = saved["prompts"], saved["stages"]
+        if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)):
+            raise ValueError("prompts: not a list of strings")
+        if not (isinstance(stages, list) and 1 <= len(stages) <= len(imagen.STAGE_NAMES)):
+            raise ValueError(f"stages: not a list of 1 to {len(imagen.STAGE_NAMES)}")
+        checks = {"guidance": cli.finite_float, "aug_level": cli.unit_float, "steps": cli.positive_int,
+                  "gamma": cli.finite_float, "p": cli.finite_float,
+                  "threshold": ("none", "static", "dynamic"), "sampler": ("ddpm", "ddim")}
+        settings = []
+        for st in stages:
+            fields = dict(st["settings"])
+            for k, check in checks.items():
+                v = fields[k]
+                if isinstance(check, tuple):
+                    if v not in check:
+                        raise ValueError(f"{k}: {v!r} is not one of {', '.join(check)}")
+                elif isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise ValueError(f"{k}: {v!r} is not a number")
+                else:
+                    fields[k] = check(str(v))
+            settings.append(imagen.SampleSettings(**fields))
+        steps = [int(cli.nonnegative_int(str(st["checkpoint_step"]))) for st in stages]
+        seed, batch = cli.seed(str(saved["seed"])), cli.positive_int(str(saved["batch_size"]))
+        return prompts, seed, batch, str(saved["workdir"]), steps, settings
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise cli.UserError(f"--settings {path} is not JSON ({e}): give the settings.json sample.py wrote") from None
+    except (KeyError, TypeError, ValueError, argparse.ArgumentTypeError) as e:
+        what = f"no {e}" if isinstance(e, KeyError) else str(e)
+        raise cli.UserError(f"--settings {path}: {what}: give the settings.json sample.py wrote") from None
+
+
+def run(args):
+    steps = None
+    if args.settings:  # reproduce an earlier run exactly: its prompts, seed, checkpoints, settings
+        args.prompts, args.seed, args.batch_size, args.workdir, steps, saved_settings = read_settings(args.settings)
+        args.stages = len(steps)
     checkpoints.check_cascade(args.workdir, args.stages)  # before anything is written there
     out = output_dir(args)
-    stages = checkpoints.load_cascade(args.workdir, args.stages)
-    settings = resolve_settings(args, stages)
-    if args.settings:
-        settings = [imagen.SampleSettings(**s["settings"]) for s in saved["stages"]]
+    stages = checkpoints.load_cascade(args.workdir, args.stages, steps)
+    settings = saved_settings if args.settings else resolve_settings(args, stages)
     encoder, tokenizer = data.load_text_encoder(stages[0].config.text_encoder)
 
     if args.prompt_set == "drawbench":
@@ -169,6 +215,14 @@ def run(args):
         prompts = [p for p, _ in bench]
     else:
         prompts = list(args.prompts)
+    # settings.json first (complete: false until the last image is written), so that the same
+    # command after a failure or an interrupt is this run's, not "another run" in --out
+    record = {"prompts": prompts, "seed": args.seed, "batch_size": args.batch_size,
+              "workdir": args.workdir, "text_encoder": stages[0].config.text_encoder,
+              "stages": [{"name": s.config.name, "checkpoint_step": s.step, "schedule": s.config.schedule,
+                          "settings": dataclasses.asdict(st)}
+                         for s, st in zip(stages, settings)], "complete": False}
+    write_json(os.path.join(out, "settings.json"), record)
     gen = lambda st: imagen.generate(stages, encoder, tokenizer, prompts, st, args.seed, args.batch_size,
                                      progress=True)
     if args.sweep:
@@ -178,25 +232,19 @@ def run(args):
             st = [dataclasses.replace(s, **{key: v}) if key != "aug_level" or i > 0 else s
                   for i, s in enumerate(settings)]
             rows.append(gen(st))
-        grid(np.concatenate(rows), cols=len(prompts)).save(os.path.join(out, f"sweep_{key}.png"))
+        save(grid(np.concatenate(rows), cols=len(prompts)), os.path.join(out, f"sweep_{key}.png"))
         print(f"wrote {out}/sweep_{key}.png: rows {key} = {','.join(map(str, values))}, columns = prompts")
         images = rows[0]
     else:
         images = gen(settings)
     for i, img in enumerate(images):
-        Image.fromarray(img).save(os.path.join(out, f"{i:04d}.png"))
-    grid(images).save(os.path.join(out, "grid.png"))
+        save(Image.fromarray(img), os.path.join(out, f"{i:04d}.png"))
+    save(grid(images), os.path.join(out, "grid.png"))
     if args.prompt_set == "drawbench":
         for cat in sorted({c for _, c in bench}):
             idx = [i for i, (_, c) in enumerate(bench) if c == cat]
-            grid(images[idx]).save(os.path.join(out, f"grid_{cat.replace(' ', '_')}.png"))
-    record = {"prompts": prompts, "seed": args.seed, "batch_size": args.batch_size,
-              "workdir": args.workdir, "text_encoder": stages[0].config.text_encoder,
-              "stages": [{"name": s.config.name, "checkpoint_step": s.step, "schedule": s.config.schedule,
-                          "settings": dataclasses.asdict(st)}
-                         for s, st in zip(stages, settings)]}
-    with open(os.path.join(out, "settings.json"), "w") as f:
-        json.dump(record, f, indent=1)
+            save(grid(images[idx]), os.path.join(out, f"grid_{cat.replace(' ', '_')}.png"))
+    write_json(os.path.join(out, "settings.json"), dict(record, complete=True))
     print(f"wrote {len(images)} images, grid.png and settings.json to {out}")
     return images
 

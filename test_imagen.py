@@ -13,6 +13,7 @@ import io
 import itertools
 import json
 import math
+import re
 import os
 import shutil
 import signal
@@ -1519,6 +1520,42 @@ def test_sample_cli_writes_and_reproduces(tiny_cascade, tmp_path):
     assert saved["stages"][0]["checkpoint_step"] == 1
     again = sample.main(["--settings", str(out / "settings.json"), "--out", str(tmp_path / "again")])
     np.testing.assert_array_equal(again, images)  # bit for bit
+
+
+@CASCADE
+def test_sample_settings_reproduce_the_recorded_checkpoints_and_are_checked(tiny_cascade, tmp_path):
+    # --settings loads the checkpoint steps it records, not the newest; one that is gone, or a
+    # value its flag would refuse, is one line naming the file
+    work = tmp_path / "work"
+    shutil.copytree(os.path.join(tiny_cascade, "base"), work / "base")
+    one = ["--workdir", str(work), "--stages", "1", "--steps", "2"]
+    images = sample.main(one + ["--out", str(tmp_path / "a"), "a red circle", "a blue square"])
+    settings = tmp_path / "a" / "settings.json"
+    assert json.load(open(settings))["complete"] is True
+    mngr = checkpoints.checkpoint_manager(str(work / "base"))
+    _, state = train.init_state(TINY_STAGES["base"], TINY_TRAIN, 5)  # a newer checkpoint, other weights
+    state["step"] = jnp.full((), 2, jnp.int32)
+    checkpoints.save_checkpoint(mngr, state, checkpoints.read_meta(mngr, 1))
+    np.testing.assert_array_equal(sample.main(["--settings", str(settings), "--out", str(tmp_path / "b")]), images)
+    assert not np.array_equal(sample.main(one + ["--out", str(tmp_path / "c"), "a red circle", "a blue square"]),
+                              images)  # the newest is another model
+    bad = json.load(open(settings))
+    for change, message in [(dict(prompts="abc"), "prompts: not a list of strings"),
+                            (dict(seed=-1), "not a seed"),
+                            (dict(stages=[dict(bad["stages"][0], settings=dict(bad["stages"][0]["settings"], steps=-5))]),
+                             "not a positive integer"),
+                            (dict(stages=[dict(bad["stages"][0], settings=dict(bad["stages"][0]["settings"],
+                                                                               threshold="soft"))]),
+                             "threshold: 'soft' is not one of none, static, dynamic")]:
+        (tmp_path / "bad.json").write_text(json.dumps(dict(bad, **change)))
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            sample.main(["--settings", str(tmp_path / "bad.json")])
+    (tmp_path / "bad.json").write_text('{"prompts": [')
+    with pytest.raises(SystemExit, match="is not JSON"):
+        sample.main(["--settings", str(tmp_path / "bad.json")])
+    shutil.rmtree(work / "base" / "checkpoints" / "1")
+    with pytest.raises(SystemExit, match=re.escape("no longer holds the checkpoint of step 1 (it holds steps [2])")):
+        sample.main(["--settings", str(settings), "--out", str(tmp_path / "d")])
 
 
 @CASCADE
