@@ -233,12 +233,19 @@ def _tensor_files(ckpt: str) -> dict[str, str]:
     index = os.path.join(ckpt, "model.safetensors.index.json")
     single = os.path.join(ckpt, "model.safetensors")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{index} is not a safetensors index ({type(e).__name__}: {e}): download it again") from None
         return {k: os.path.join(ckpt, v) for k, v in weight_map.items()}
     if os.path.exists(single):
-        with safe_open(single, "np") as f:
-            return {k: single for k in f.keys()}
+        try:
+            with safe_open(single, "np") as f:
+                return {k: single for k in f.keys()}
+        except Exception as e:  # safetensors' errors of a damaged file have no common class
+            raise UserError(f"{single} cannot be read ({type(e).__name__}: {str(e)[:160]}): the file is "
+                            f"damaged or cut short; download it again") from None
     hint = (" It has pytorch_model.bin only: convert it once with transformers and torch, "
             "T5EncoderModel.from_pretrained(DIR).save_pretrained(DIR2), and load DIR2."
             if os.path.exists(os.path.join(ckpt, "pytorch_model.bin")) else "")
@@ -251,12 +258,18 @@ def config_from_hf(ckpt: str) -> T5Config:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: a T5 checkpoint directory needs the "
                                 f"config.json of its Hugging Face repository.")
-    with open(path) as f:
-        hf = json.load(f)
-    if hf.get("feed_forward_proj") != "gated-gelu":  # the original T5 (v1.0) uses ReLU
-        raise ValueError(f"{path}: not a T5 v1.1 checkpoint (need feed_forward_proj "
-                         f"'gated-gelu', as in google/t5-v1_1-*).")
-    return T5Config(**{f.name: hf[f.name] for f in dataclasses.fields(T5Config)})
+    fix = "put the config.json of the checkpoint's Hugging Face repository there"
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+        if hf.get("feed_forward_proj") != "gated-gelu":  # the original T5 (v1.0) uses ReLU
+            raise UserError(f"{path}: not a T5 v1.1 checkpoint (need feed_forward_proj "
+                            f"'gated-gelu', as in google/t5-v1_1-*).")
+        return T5Config(**{f.name: hf[f.name] for f in dataclasses.fields(T5Config)})
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise UserError(f"{path} is not a JSON object ({e}): {fix}") from None
+    except KeyError as e:
+        raise UserError(f"{path} has no {e}: {fix}") from None
 
 
 def load_t5(name_or_path: str, dtype=jnp.bfloat16, download: bool = False):
@@ -279,14 +292,18 @@ def load_t5(name_or_path: str, dtype=jnp.bfloat16, download: bool = False):
         if name not in files and name == "shared.weight" and "encoder.embed_tokens.weight" in files:
             name = "encoder.embed_tokens.weight"
         if name not in files:
-            raise KeyError(f"{ckpt}: tensor {name!r} is missing; is this a T5 v1.1 checkpoint "
-                           f"with the config.json beside it?")
-        f = handles.get(files[name]) or handles.setdefault(files[name], safe_open(files[name], "np"))
-        arr = f.get_tensor(name)
+            raise UserError(f"{ckpt}: tensor {name!r} is missing; is this a T5 v1.1 checkpoint "
+                            f"with the config.json beside it?")
+        try:
+            f = handles.get(files[name]) or handles.setdefault(files[name], safe_open(files[name], "np"))
+            arr = f.get_tensor(name)
+        except Exception as e:  # safetensors' errors of a damaged file have no common class
+            raise UserError(f"{files[name]} cannot be read ({type(e).__name__}: {str(e)[:160]}): the file is "
+                            f"damaged or cut short; download it again") from None
         arr = arr.T if transpose else arr
         if arr.shape != var.get_value().shape:
-            raise ValueError(f"{ckpt}: tensor {name!r} has shape {arr.shape}, config.json "
-                             f"implies {var.get_value().shape}.")
+            raise UserError(f"{ckpt}: tensor {name!r} has shape {arr.shape}, config.json "
+                            f"implies {var.get_value().shape}: the config.json is another model's.")
         var.set_value(jnp.asarray(arr, dtype))
         del arr
     tokenizer = load_tokenizer(ckpt)

@@ -396,7 +396,19 @@ def test_t5_clear_errors(tiny_t5_dir, tmp_path):
     wrong = tmp_path / "wrong"
     shutil.copytree(tiny_t5_dir, wrong)
     json.dump(cfg, open(wrong / "config.json", "w"))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(cli.UserError, match="has shape .* config.json is another model's"):
+        T5.load_t5(str(wrong))
+    # a config that is not JSON, or lacks a field; weights cut short: one line each, no traceback
+    (wrong / "config.json").write_text('{"d_model": ')
+    with pytest.raises(cli.UserError, match="is not a JSON object"):
+        T5.load_t5(str(wrong))
+    json.dump({k: v for k, v in cfg.items() if k != "num_heads"}, open(wrong / "config.json", "w"))
+    with pytest.raises(cli.UserError, match="has no 'num_heads'"):
+        T5.load_t5(str(wrong))
+    shutil.copy(os.path.join(tiny_t5_dir, "config.json"), wrong)
+    weights = wrong / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    with pytest.raises(cli.UserError, match="model.safetensors cannot be read .*download it again"):
         T5.load_t5(str(wrong))
     # the weights without their tokenizer (a T5 tokenizer still loads, and maps every word to
     # <unk>): refused, naming the missing file and how to fetch it
