@@ -123,21 +123,26 @@ def output_dir(args):
     """The folder the images go to, made and checked writable before any model loads: --out
     (refused when it holds another run's files; the same command may rewrite its own), or a new
     WORKDIR/samples/NNN."""
-    if args.out is None:
+    def same_run(folder):  # this command's own folder: the same prompts, seed and workdir
+        try:
+            with open(os.path.join(folder, "settings.json")) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            return None
+        same = (old.get("prompts"), old.get("seed"), old.get("workdir")) == \
+               (args.prompts or old.get("prompts"), args.seed, args.workdir) and not args.prompt_set
+        return old if same else None
+
+    if args.out is None:  # the next number, or the last one where this command stopped unfinished
         root = os.path.join(args.workdir, "samples")
         taken = [int(d) for d in (os.listdir(root) if os.path.isdir(root) else []) if d.isdigit()]
-        out = os.path.join(root, f"{max(taken, default=0) + 1:03d}")
+        last = os.path.join(root, f"{max(taken, default=0):03d}")
+        unfinished = taken and (same_run(last) or {}).get("complete") is False
+        out = last if unfinished else os.path.join(root, f"{max(taken, default=0) + 1:03d}")
     else:
         out = args.out
         if os.path.isdir(out) and os.listdir(out):
-            mine = os.path.join(out, "settings.json")
-            same = False
-            if os.path.exists(mine):
-                with open(mine) as f:
-                    old = json.load(f)
-                same = (old.get("prompts"), old.get("seed"), old.get("workdir")) == \
-                       (args.prompts or old.get("prompts"), args.seed, args.workdir) and not args.prompt_set
-            if not same:
+            if same_run(out) is None:
                 raise cli.UserError(f"--out {out} already holds files of another run: give an empty or new "
                                     f"folder, or leave --out out for a new WORKDIR/samples/NNN")
     try:

@@ -1617,6 +1617,21 @@ def test_sample_cli_outputs_and_faults(tiny_cascade, tmp_path):
     for _ in range(2):
         sample.main(one + ["a red circle"])
     assert sorted(os.listdir(work / "samples")) == ["001", "002"]
+    # an interrupted run leaves settings.json marked unfinished and no half-written PNG; the same
+    # command then finishes that folder, another command takes the next number
+    real = imagen.generate
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(imagen, "generate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(SystemExit, match="interrupted"):
+            sample.main(one + ["a red circle", "a blue square"])
+    assert imagen.generate is real
+    assert os.listdir(work / "samples" / "003") == ["settings.json"]
+    assert json.load(open(work / "samples" / "003" / "settings.json"))["complete"] is False
+    sample.main(one + ["a red circle", "a blue square"])
+    assert sorted(os.listdir(work / "samples")) == ["001", "002", "003"]
+    assert json.load(open(work / "samples" / "003" / "settings.json"))["complete"] is True
+    sample.main(one + ["a red circle", "a blue square"])
+    assert sorted(os.listdir(work / "samples")) == ["001", "002", "003", "004"]
     # --out: the same command may write again; another run's files are not mixed in
     sample.main(one + ["--out", str(tmp_path / "o"), "a red circle"])
     sample.main(one + ["--out", str(tmp_path / "o"), "a red circle"])
