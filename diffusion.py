@@ -283,8 +283,14 @@ def diffusion_loss(eps_fn, x0_BHWC, txt_BLD, mask_BL, keys, log_snr_fn, p_uncond
 # Sampling loop (App. A, §2.2-2.4), compiled as a whole
 # ---------------------------------------------------------------------------------------------
 
+def initial_carry(key, shape):
+    """The sampling loop's start: (z_1 ~ N(0, I), x0_hat = 0), drawn from sample's own key."""
+    return jax.random.normal(jax.random.split(key, 3)[0], shape, jnp.float32), jnp.zeros(shape, jnp.float32)
+
+
 def sample(eps_fn, key, shape, txt_BLD, mask_BL, log_snr_fn, steps, w=1.0, sampler="ddpm",
-           gamma=0.0, threshold="dynamic", p=99.5, lowres_BHWC=None, aug_level=0.0, prediction="eps"):
+           gamma=0.0, threshold="dynamic", p=99.5, lowres_BHWC=None, aug_level=0.0, prediction="eps",
+           span=None, carry=None):
     """Draw x ~ p(x | c) with `steps` uniformly spaced times from t = 1 to t = 0 (App. A).
 
     Every step: one network call (with guidance, the conditional and unconditional passes are
@@ -300,10 +306,13 @@ def sample(eps_fn, key, shape, txt_BLD, mask_BL, log_snr_fn, steps, w=1.0, sampl
     paper: not specified: the step counts and gamma; ancestral sampling with gamma = 0 (the
     posterior variance of DDPM) is our default. prediction: what eps_fn outputs ("eps", the
     paper's, or "v"); guidance combines the outputs either way.
+
+    span = (i, j): only steps i, ..., j-1, from carry (z_t, x0_hat) (None: from z_1), returning
+    the carry, so that a caller can run the loop in pieces with the same result.
     """
     B = shape[0]
     thresh = (lambda x: dynamic_threshold(x, p)) if threshold == "dynamic" else THRESHOLDS[threshold]
-    k_init, k_aug, k_loop = jax.random.split(key, 3)
+    _, k_aug, k_loop = jax.random.split(key, 3)  # the first: initial_carry's
     aug_log_snr_B = None
     if lowres_BHWC is not None:
         lowres_BHWC, aug_log_snr_B = noise_augment(
@@ -341,6 +350,8 @@ def sample(eps_fn, key, shape, txt_BLD, mask_BL, log_snr_fn, steps, w=1.0, sampl
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
         return z_s_BHWC, x0_hat_BHWC
 
-    z_1_BHWC = jax.random.normal(k_init, shape, jnp.float32)  # z_1 ~ N(0, I)
-    _, x0_hat_BHWC = jax.lax.fori_loop(0, steps, body, (z_1_BHWC, jnp.zeros(shape, jnp.float32)))
+    carry = initial_carry(key, shape) if carry is None else carry
+    if span is not None:
+        return jax.lax.fori_loop(span[0], span[1], body, carry)
+    _, x0_hat_BHWC = jax.lax.fori_loop(0, steps, body, carry)
     return x0_hat_BHWC

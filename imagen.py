@@ -306,15 +306,34 @@ def check_text_width(stages, encoder):
                              f"use the encoder it was trained with ({s.config.text_encoder!r})")
 
 
+SAMPLE_CHUNK = 16  # sampling steps per compiled call: Ctrl-C waits for at most this many
+
+
 @functools.lru_cache(maxsize=32)
 def _sampler(graphdef, schedule, prediction, shape, guided, steps, sampler, gamma, threshold, p):
-    """One stage's whole sampling loop, jitted: compiled once per shape and settings; the
-    guidance weight and the aug level are arguments, so a sweep over them compiles once."""
-    def run(state, key, txt_BLD, mask_BL, lowres_BHWC, w, aug_level):
+    """One stage's sampling loop, jitted: compiled once per shape and settings; the guidance
+    weight, the aug level and the span of steps are arguments, so a sweep compiles once. It runs
+    SAMPLE_CHUNK steps per call, so an interrupt is seen between chunks."""
+    @jax.jit
+    def run(state, key, txt_BLD, mask_BL, lowres_BHWC, w, aug_level, start, stop, carry):
         return diffusion.sample(nnx.merge(graphdef, state), key, shape, txt_BLD, mask_BL,
                                 diffusion.SCHEDULES[schedule], steps, w if guided else 1.0, sampler,
-                                gamma, threshold, p, lowres_BHWC, aug_level, prediction)
-    return jax.jit(run)
+                                gamma, threshold, p, lowres_BHWC, aug_level, prediction,
+                                span=(start, stop), carry=carry)
+
+    def chunked(state, key, txt_BLD, mask_BL, lowres_BHWC, w, aug_level):
+        """The loop in chunks of SAMPLE_CHUNK steps, each awaited before the next is sent: the
+        result of one call, and Ctrl-C (KeyboardInterrupt) stops within a chunk."""
+        carry = _initial_carry(key, shape)
+        for start in range(0, steps, SAMPLE_CHUNK):
+            stop = jnp.int32(min(start + SAMPLE_CHUNK, steps))
+            carry = jax.block_until_ready(run(state, key, txt_BLD, mask_BL, lowres_BHWC, w, aug_level,
+                                              jnp.int32(start), stop, carry))
+        return carry[1]
+    return chunked
+
+
+_initial_carry = jax.jit(diffusion.initial_carry, static_argnums=1)
 
 
 def sample_stage(stage, key, txt_BLD, mask_BL, settings: SampleSettings, prev_BHWC=None):

@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import json
 import os
+import sys
 
 import numpy as np
 from PIL import Image
@@ -50,6 +51,8 @@ def grid(images, cols=None, labels=None):
     return Image.fromarray(canvas)
 
 
+MAX_GUIDANCE = 30.0  # a warning above: App. D.2's sweeps reach w = 18 (Fig. A.11)
+MAX_STEPS = 10_000  # a warning above (the paper states no step count; DDPM trained with 1000)
 SWEEPS = {"guidance": cli.finite_float, "aug_level": cli.unit_float, "steps": cli.positive_int,
           "threshold": ("none", "static", "dynamic")}
 
@@ -213,6 +216,13 @@ def run(args):
     out = output_dir(args)
     stages = checkpoints.load_cascade(args.workdir, args.stages, steps)
     settings = saved_settings if args.settings else resolve_settings(args, stages)
+    for s, st in zip(stages, settings):  # allowed, but far from anything the paper samples with
+        if not 0.0 <= st.guidance <= MAX_GUIDANCE:
+            print(f"warning: {s.config.name}: guidance {st.guidance:g} is far outside the paper's range (App. D.2 "
+                  f"sweeps w = 1-18): expect saturated or meaningless images", file=sys.stderr)
+        if st.steps > MAX_STEPS:
+            print(f"warning: {s.config.name}: {st.steps} sampling steps: one network call (two with guidance) each; "
+                  f"this will take long (Ctrl-C stops it)", file=sys.stderr)
     encoder, tokenizer = data.load_text_encoder(stages[0].config.text_encoder)
 
     if args.prompt_set == "drawbench":

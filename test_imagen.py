@@ -1446,6 +1446,32 @@ def test_generate_shapes_and_determinism(tiny_cascade, n):
 
 
 @CASCADE
+def test_sampling_runs_in_chunks_equal_to_one_loop_and_stops_between_them(tiny_cascade, monkeypatch):
+    # the loop in chunks of 3 steps gives the one-call loop's images; Ctrl-C is seen between chunks
+    base = checkpoints.load_cascade(tiny_cascade, 1)[0]
+    enc, tok = data.load_text_encoder(base.config.text_encoder)
+    txt, mask = T5.encode(enc, tok, ["a red circle", "two blue squares"], base.config.text_length)
+    st = dataclasses.replace(FAST, steps=8, sampler="ddpm")
+    key = jax.random.PRNGKey(3)
+    whole = D.sample(base.model, key, (2, 16, 16, 3), txt, jnp.asarray(mask), D.SCHEDULES[base.config.schedule],
+                     8, st.guidance, st.sampler, st.gamma, st.threshold, st.p, prediction=base.config.prediction)
+    monkeypatch.setattr(imagen, "SAMPLE_CHUNK", 3)
+    chunked = imagen.sample_stage(base, key, txt, jnp.asarray(mask), st)
+    np.testing.assert_allclose(chunked, jnp.clip(whole, -1, 1), atol=1e-6)
+    calls, real = [], jax.block_until_ready
+
+    def interrupted(x):  # Ctrl-C arrives while the second chunk runs
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(x)
+    monkeypatch.setattr(jax, "block_until_ready", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        imagen.sample_stage(base, key, txt, jnp.asarray(mask), st)
+    assert len(calls) == 2  # of 3 chunks: the third never started
+
+
+@CASCADE
 def test_generate_splits_the_batch_over_devices(tiny_cascade, monkeypatch):
     # a batch of 8 on the 8 test devices runs data-parallel; it draws the same images as the
     # same batch on one device, up to the order of float sums
@@ -1605,7 +1631,7 @@ def test_sample_cli_refuses_bad_arguments_before_loading_anything(args, message,
 
 
 @CASCADE
-def test_sample_cli_outputs_and_faults(tiny_cascade, tmp_path):
+def test_sample_cli_outputs_and_faults(tiny_cascade, tmp_path, capsys):
     # a workdir without a cascade: the command that makes it, and nothing created there
     with pytest.raises(SystemExit, match="python train.py --stage base"):
         sample.main(["--workdir", str(tmp_path / "nothing"), "a cat"])
@@ -1637,6 +1663,9 @@ def test_sample_cli_outputs_and_faults(tiny_cascade, tmp_path):
     sample.main(one + ["--out", str(tmp_path / "o"), "a red circle"])
     with pytest.raises(SystemExit, match="already holds files of another run"):
         sample.main(one + ["--out", str(tmp_path / "o"), "a blue square"])
+    capsys.readouterr()
+    sample.main(one + ["--out", str(tmp_path / "w"), "--guidance", "1e30", "a red circle"])  # allowed, with a word
+    assert "base: guidance 1e+30 is far outside the paper's range" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match="cannot write to --out"):  # found before any sampling
         sample.main(one + ["--out", str(tmp_path / "file" / "o"), "x"])
