@@ -29,6 +29,7 @@ import glob
 import hashlib
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -78,12 +79,46 @@ def read_images(paths, side):
 # FID (torch-fidelity) and CLIP score (transformers)
 # ---------------------------------------------------------------------------------------------
 
+# the SHA-256 of torch-fidelity's published file; its first 8 digits are the 6726825d in the
+# file's name (torch.hub's convention for checking a download)
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+
+
 def load_inception(path):
-    """torch-fidelity's Inception-v3 ("inception-v3-compat", the TF graph's weights) from a file."""
+    """torch-fidelity's Inception-v3 ("inception-v3-compat", the TF graph's weights) from a file.
+
+    The file is read as tensors only (torch.load(weights_only=True): a file that would run code
+    when unpickled is refused, not run) and handed to torch-fidelity re-saved from those tensors,
+    as its own loader unpickles whatever it is given. A file that is not the published one
+    (another SHA-256) still loads if it holds the weights, with a warning that its FID is not
+    comparable with published ones."""
     if not path or not os.path.exists(path):
         raise _missing("inception", path or "--inception")
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=path)
+    import tempfile  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3  # noqa: PLC0415
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise ValueError("not a state dict of tensors")
+    except Exception as e:  # pickles that are not plain tensors, random bytes: torch raises many kinds
+        raise cli.UserError(f"{path} is not the Inception-v3 weights file (not a state dict of tensors: "
+                            f"{type(e).__name__}); nothing in it was run. Get the published file once, on a "
+                            f"machine with network:\n  {DOWNLOADS['inception']}") from None
+    if digest != INCEPTION_SHA256:
+        print(f"warning: {path} is not torch-fidelity's published Inception-v3 file (SHA-256 {digest[:16]}...): "
+              "its FID is not comparable with published FIDs", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        safe = os.path.join(tmp, "inception.pth")
+        torch.save(weights, safe)
+        try:
+            return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=safe)
+        except RuntimeError as e:  # load_state_dict: missing or mis-shaped tensors
+            raise cli.UserError(f"{path} holds tensors, but not Inception-v3's ({str(e).splitlines()[0][:120]}): "
+                                f"get the published file:\n  {DOWNLOADS['inception']}") from None
 
 
 def inception_features(extractor, images_uint8, batch=64):

@@ -15,6 +15,7 @@ import json
 import math
 import re
 import os
+import pickle
 import shutil
 import signal
 import struct
@@ -1719,13 +1720,27 @@ def _folder(path, images):
     return sorted(str(p) for p in path.glob("*.png"))
 
 
-def test_fid_and_clip_score_are_the_libraries(eval_models, tmp_path):
+def test_fid_and_clip_score_are_the_libraries(eval_models, tmp_path, capsys):
     import torch_fidelity
     inception_path, clip_dir = eval_models
     images = np.stack([np.asarray(shapes.make_example(3, i, 32)[0]) for i in range(12)])
     shifted = np.clip(images.astype(int) - 60, 0, 255).astype(np.uint8)
     a, b = _folder(tmp_path / "a", images), _folder(tmp_path / "b", shifted)
     ext = evaluate.load_inception(inception_path)
+    assert "is not torch-fidelity's published Inception-v3 file" in capsys.readouterr().err  # random weights
+    # a weights file is read as tensors only: a pickle that would run code is refused unrun
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"fc.weight": Payload()}, f)
+    (tmp_path / "noise.pth").write_bytes(np.random.default_rng(0).bytes(4096))
+    for bad in ("evil.pth", "noise.pth"):
+        with pytest.raises(cli.UserError, match="(?s)is not the Inception-v3 weights file .*nothing in it was run.*curl"):
+            evaluate.load_inception(str(tmp_path / bad))
+    assert not marker.exists()
     stats = {k: evaluate.fid_statistics(evaluate.inception_features(ext, evaluate.read_images(p, 32)))
              for k, p in (("a", a), ("b", b))}
     self_fid, ab = evaluate.fid(stats["a"], stats["a"]), evaluate.fid(stats["a"], stats["b"])
