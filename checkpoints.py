@@ -7,6 +7,7 @@ not its folder's: a copied folder); nothing saved is ever deleted but by orbax's
 """
 
 import dataclasses
+import errno
 import logging
 import os
 import sys
@@ -67,10 +68,16 @@ def _set_aside(directory, step):
 def save_checkpoint(mngr, state: dict, meta: dict):
     """Save a train state {params, ema, opt, step} and its metadata, and wait until written."""
     train = {k: state[k] for k in ("params", "opt", "step")}
-    mngr.save(int(state["step"]), args=ocp.args.Composite(
-        train=ocp.args.StandardSave(train), ema=ocp.args.StandardSave(state["ema"]),
-        meta=ocp.args.JsonSave(meta)), force=True)
-    mngr.wait_until_finished()
+    try:  # orbax writes to a temporary folder and renames it: a failed save leaves the others whole
+        mngr.save(int(state["step"]), args=ocp.args.Composite(
+            train=ocp.args.StandardSave(train), ema=ocp.args.StandardSave(state["ema"]),
+            meta=ocp.args.JsonSave(meta)), force=True)
+        mngr.wait_until_finished()
+    except Exception as e:  # a full disk, whichever layer (orbax, tensorstore) met it
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+            raise OSError(errno.ENOSPC, "No space left on device", f"checkpoint {int(state['step'])} in "
+                          f"{mngr.directory}") from None
+        raise
 
 
 def read_meta(mngr, step: int | None = None) -> dict:

@@ -6,6 +6,7 @@ report."""
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import math
 import os
@@ -69,6 +70,11 @@ def run(main, argv=None):
         return main(sys.argv[1:] if argv is None else argv)
     except KNOWN_ERRORS as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        sys.exit(f"error: {e.strerror} writing {e.filename or 'a file'}: free space and run the same command "
+                 "again (what was saved before is kept; a run resumes from it)")
     except KeyboardInterrupt:
         sys.exit("interrupted")
 

@@ -193,8 +193,15 @@ def coco_captions(coco_dir, num, seed):
     path = os.path.join(coco_dir, "annotations", "captions_val2014.json")
     if not os.path.exists(path):
         raise _missing("coco", path)
-    with open(path) as f:
-        anns = sorted(json.load(f)["annotations"], key=lambda a: a["id"])
+    try:
+        with open(path) as f:
+            anns = sorted(json.load(f)["annotations"], key=lambda a: a["id"])
+        if not all(isinstance(a["caption"], str) for a in anns):
+            raise ValueError("a caption that is not text")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        what = f"no {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e)[:120]}"
+        raise cli.UserError(f"{path} is not COCO's caption annotations ({what}): unzip "
+                            f"annotations_trainval2014.json again:\n  {DOWNLOADS['coco']}") from None
     if num > len(anns):
         raise SystemExit(f"--num {num}: {path} has {len(anns)} captions")
     pick = np.random.default_rng(seed).choice(len(anns), num, replace=False)

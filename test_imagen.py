@@ -9,6 +9,7 @@ training, the cascade and its checkpoints, the command lines, the demo.
 import argparse
 import collections
 import dataclasses
+import errno
 import io
 import itertools
 import json
@@ -1214,6 +1215,21 @@ def test_a_checkpoint_that_cannot_be_read_falls_back_to_the_one_before(tmp_path,
         checkpoints.load_stage(str(tmp_path / "b"))
 
 
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    _train(tmp_path, 1)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoints.ocp.CheckpointManager, "save", full)
+    with pytest.raises(SystemExit, match=r"error: No space left on device writing checkpoint 2 in .*: free space "
+                                         r"and run the same command again"):
+        cli.run(lambda argv: _train(tmp_path, 2), [])
+    monkeypatch.undo()
+    assert checkpoints.checkpoint_manager(str(tmp_path)).all_steps() == [1]
+    _train(tmp_path, 2)  # resumes once there is room
+    assert checkpoints.checkpoint_manager(str(tmp_path)).latest_step() == 2
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     real = data.host_stream
 
@@ -1789,6 +1805,9 @@ def test_evaluate_a_cascade_resumes_and_names_missing_files(eval_models, tiny_ca
         evaluate.main(argv[:-6] + ["--inception", str(tmp_path / "nowhere.pth"), "--out", str(tmp_path / "e2")])
     with pytest.raises(SystemExit, match="captions_val2014.json is missing"):
         evaluate.main(["--workdir", tiny_cascade, "--coco", str(tmp_path), "--inception", inception_path])
+    (coco / "annotations" / "captions_val2014.json").write_text('{"annotations": [{"id": 1}]}')
+    with pytest.raises(SystemExit, match="is not COCO's caption annotations .no 'caption'.: unzip"):
+        evaluate.main(argv[:-2] + ["--out", str(tmp_path / "e3")])
 
 
 # =============================================================================================
