@@ -1157,6 +1157,9 @@ def test_a_second_run_on_a_locked_workdir_is_refused(tmp_path):
         with pytest.raises(cli.UserError, match=r"in use by another run \(pid \d+: .*\): wait for it to end"):
             _train(tmp_path, 1)
     assert not os.path.exists(tmp_path / "checkpoints")
+    with pytest.raises(FileNotFoundError, match="no_data"):  # a fault before training leaves no workdir
+        _train(tmp_path / "new", 1, data_spec=str(tmp_path / "no_data"))
+    assert not (tmp_path / "new").exists()
     _train(tmp_path, 3, log_every=2, save_every=1)  # a save between two log steps checks the losses too
     assert checkpoints.checkpoint_manager(str(tmp_path)).latest_step() == 3
 

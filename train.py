@@ -328,10 +328,10 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
     mesh = mesh or sharding.make_mesh()
     if B % (grad_accum * mesh.size) or B % jax.process_count():
         raise SystemExit(f"--batch-size {B} must divide by --grad-accum x devices = {grad_accum} x {mesh.size}")
+    # set-up: the data, the text encoder (a fault in either leaves no workdir behind)
+    source = data.open_source(data_spec, seed, index_dir)
+    text = open_text(stage, text_cache, source, mesh)
     with cli.workdir_lock(workdir):  # one run per workdir, until this one ends
-        # set-up: the data, the text encoder
-        source = data.open_source(data_spec, seed, index_dir)
-        text = open_text(stage, text_cache, source, mesh)
         # restore or init, then compile the step
         mngr = checkpoints.checkpoint_manager(workdir)
         meta = checkpoint_meta(stage, tcfg, seed, data_spec, [0] * jax.process_count())
