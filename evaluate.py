@@ -10,16 +10,21 @@ human raters, out of scope here: the grids are for people, the CLIP score per ca
 
   python evaluate.py --workdir runs/paper --coco data/coco --inception ckpt/pt_inception-2015-12-05-6726825d.pth \
       --clip ckpt/clip-vit-large-patch14 --out runs/paper/eval                 # Table 1: FID-30K
-  python evaluate.py --workdir runs/paper --coco data/coco ... --num 10000 --guidance paper   # Fig. A.11
+  python evaluate.py --workdir runs/paper --coco data/coco ... --stages 1 --num 10000 --guidance paper
+      # Figs. A.8 / A.13: the 64x64 base alone, FID-10K at 64x64
+  python evaluate.py --workdir runs/paper --coco data/coco ... --stages 2 --sweep-stage sr1 --num 10000 \
+      --guidance paper                                                     # Fig. A.11: 64->256, at 256x256
   python evaluate.py --workdir runs/demo --drawbench [--clip DIR]
 
 Metrics come from the field's standard code: FID from torch-fidelity (its TF-ported Inception-v3,
-features of the 2048-d pool layer, its Frechet distance), the CLIP score as torchmetrics and
-CLIPScore define it, 100 x max(cos(image, text), 0), with transformers' CLIP. One image
+features of the 2048-d pool layer, its Frechet distance), the CLIP score as GLIDE and torchmetrics
+compute it, 100 x cos(image, text) per pair, its mean clamped at 0, with transformers' CLIP. One image
 pipeline for both sides: decoded to RGB, the shortest side resized (PIL bicubic, antialiased)
 and centre-cropped to the samples' side, kept as uint8 (samples are written as PNG, lossless);
 the extractors then apply their own resize (Inception: TF1-style bilinear to 299).
-Writes OUT/<stage>_w<guidance>/NNNNN.png (existing images are kept: an interrupted run resumes),
+Writes OUT/<stage>_w<guidance>_<key>/NNNNN.png, key a digest of everything that decides the
+images (settings.json inside: checkpoint steps, prompts, settings, seed, batch size; existing
+images of the same key are kept: an interrupted run resumes; any change gives a new folder),
 OUT/metrics.json, OUT/pareto.png and OUT/report.md.
 """
 
@@ -42,6 +47,7 @@ import data
 import imagen
 import sample
 
+MAX_FID_SIDE = 256  # Table 1's side; the paper reports no FID of 1024x1024 samples
 PAPER_GUIDANCE = {"base": (1, 1.25, 1.5, 1.75, 2, 3, 4, 5, 6, 7, 8, 9, 10),  # Figs. A.8, A.13 (64x64)
                   "sr1": (1, 3, 5, 7, 8, 10, 12, 15, 18)}  # Fig. A.11 (64->256)
 # paper: not specified which COCO release ("the validation set", §3); COCO 2014 val, as GLIDE and
@@ -169,7 +175,9 @@ def load_clip(path):
 
 
 def clip_scores(clip, images_uint8, captions, batch=32) -> np.ndarray:
-    """Per image: 100 x max(cos(E_image, E_text), 0) (CLIPScore, Hessel et al. 2021; torchmetrics)."""
+    """Per image: 100 x cos(E_image, E_text) of CLIP's projected embeddings, unclamped (GLIDE's
+    and torchmetrics' CLIPScore per pair); clip_score() averages them. Not Hessel et al.'s
+    CLIPScore (2.5 x max(cos, 0), ViT-B/32, the prefix "A photo depicts"), which §3 cites."""
     import torch
     model, processor = clip
     out = []
@@ -180,8 +188,14 @@ def clip_scores(clip, images_uint8, captions, batch=32) -> np.ndarray:
             out_ = model(**inputs)  # the projected embeddings (transformers' CLIPModel.forward)
             img, txt = out_.image_embeds, out_.text_embeds
             cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
-            out.append((100 * cos.clamp(min=0)).numpy())
+            out.append((100 * cos).numpy())
     return np.concatenate(out)
+
+
+def clip_score(per_image) -> float:
+    """The CLIP score of a set: the mean of 100 x cos, clamped at 0 after the mean (torchmetrics'
+    CLIPScore: max(mean, 0)). paper: not specified beyond "CLIP score" (§3)."""
+    return max(float(np.mean(per_image)), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,9 +229,26 @@ def coco_images(coco_dir):
     return paths
 
 
+def sample_dir(out, label, stages, prompts, settings, seed, batch_size):
+    """OUT/<label>_<key>: key, a digest of everything that decides the images (the checkpoints
+    and their steps, the prompts, every stage's sampling settings, the seed, the batch size,
+    which sets each image's noise), written out in settings.json inside. Images made otherwise
+    (more training, another seed, other stages or settings) are never read as these."""
+    record = {"checkpoints": [[s.config.name, s.step, s.config.side] for s in stages],
+              "prompts_sha256": hashlib.sha256("\0".join(prompts).encode()).hexdigest(), "num": len(prompts),
+              "settings": [dataclasses.asdict(st) for st in settings], "seed": seed, "batch_size": batch_size}
+    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:10]
+    path = os.path.join(out, f"{label}_{key}")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "settings.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    return path
+
+
 def sample_set(stages, text, prompts, settings, out_dir, seed, batch_size):
-    """PNGs of the prompts through the cascade into out_dir, batch by batch; batches whose
-    images exist are skipped, so a resumed run writes what an uninterrupted one would."""
+    """PNGs of the prompts through the cascade into out_dir (sample_dir's), batch by batch;
+    batches whose images exist are skipped, so a resumed run writes what an uninterrupted one
+    would."""
     os.makedirs(out_dir, exist_ok=True)
     name = lambda i: os.path.join(out_dir, f"{i:05d}.png")
     todo = [b for b in range(0, len(prompts), batch_size)
@@ -293,21 +324,26 @@ def run(a):
     text = data.load_text_encoder(stages[0].config.text_encoder)
     if a.drawbench:
         bench = sample.read_drawbench()
-        paths = sample_set(stages, text, [p for p, _ in bench], base, os.path.join(out, "drawbench"), a.seed,
-                           a.batch_size)
+        prompts = [p for p, _ in bench]
+        paths = sample_set(stages, text, prompts, base,
+                           sample_dir(out, "drawbench", stages, prompts, base, a.seed, a.batch_size), a.seed, a.batch_size)
         images = np.stack([np.asarray(Image.open(p)) for p in paths])
         rows = {}
         for cat in sorted({c for _, c in bench}):
             idx = [i for i, (_, c) in enumerate(bench) if c == cat]
             sample.grid(images[idx]).save(os.path.join(out, f"drawbench_{cat.replace(' ', '_')}.png"))
             if clip:
-                rows[cat] = float(clip_scores(clip, images[idx], [bench[i][0] for i in idx]).mean())
+                rows[cat] = clip_score(clip_scores(clip, images[idx], [bench[i][0] for i in idx]))
         with open(os.path.join(out, "drawbench.json"), "w") as f:
             json.dump({"clip_score_per_category": rows, "n": len(bench)}, f, indent=1)
         print(f"wrote {len(bench)} DrawBench samples and one grid per category to {out}")
         return rows
     prompts = coco_captions(a.coco, a.num, a.seed)
     side = stages[-1].config.side
+    if side > MAX_FID_SIDE:  # Inception would take 1024 -> 299 without antialiasing (clean-fid's pitfall)
+        raise cli.UserError(f"FID at {side}x{side}: the paper's FIDs are at {MAX_FID_SIDE}x{MAX_FID_SIDE} and below "
+                            f"(Table 1: 256; Figs. A.8, A.13: the 64x64 base; A.11: 64->256); give --stages 2 "
+                            f"(or --stages 1 for the base alone)")
     ref = reference_statistics(extractor, a.inception, coco_images(a.coco), side, out)
     k = ["base", "sr1"].index(a.sweep_stage)
     if k >= len(stages):
@@ -318,11 +354,12 @@ def run(a):
     for w in weights:
         settings = [dataclasses.replace(s, guidance=w) if i == k else s for i, s in enumerate(base)]
         t = time.time()
-        paths = sample_set(stages, text, prompts, settings, os.path.join(out, f"{a.sweep_stage}_w{w:g}"), a.seed,
-                           a.batch_size)
+        folder = sample_dir(out, f"{a.sweep_stage}_w{w:g}", stages, prompts, settings, a.seed, a.batch_size)
+        paths = sample_set(stages, text, prompts, settings, folder, a.seed, a.batch_size)
         images = read_images(paths, side)
-        row = {"guidance": w, "stage": a.sweep_stage, "num": len(prompts), "fid": fid(fid_statistics(inception_features(extractor, images)), ref),
-               "clip_score": float(clip_scores(clip, images, prompts).mean()) if clip else None,
+        row = {"guidance": w, "stage": a.sweep_stage, "num": len(prompts), "samples": os.path.basename(folder),
+               "fid": fid(fid_statistics(inception_features(extractor, images)), ref),
+               "clip_score": clip_score(clip_scores(clip, images, prompts)) if clip else None,
                "settings": [dataclasses.asdict(s) for s in settings], "sample_s": round(time.time() - t, 1)}
         rows.append(row)
         print(f"w = {w:g}: FID {row['fid']:.3f}" + (f", CLIP score {row['clip_score']:.3f}" if clip else ""))

@@ -1767,14 +1767,18 @@ def test_fid_and_clip_score_are_the_libraries(eval_models, tmp_path, capsys):
     ref = torch_fidelity.calculate_metrics(input1=str(tmp_path / "a"), input2=str(tmp_path / "b"), fid=True, cuda=False,
                                            cache=False, verbose=False, feature_extractor_weights_path=inception_path)
     np.testing.assert_allclose(ab, ref["frechet_inception_distance"], rtol=1e-4)
-    # CLIP score: 100 x max(cos, 0) of transformers' own projected, normalised embeddings
+    # CLIP score: 100 x cos per pair of transformers' own projected embeddings, normalised here;
+    # the set's score clamped after the mean (torchmetrics), not per image
     clip = evaluate.load_clip(clip_dir)
     captions = [shapes.make_example(3, i, 32)[1] for i in range(12)]
     ours = evaluate.clip_scores(clip, images, captions, batch=5)
     with torch.no_grad():
         out = clip[0](**clip[1](text=captions, images=list(images), return_tensors="pt", padding=True))
-    want = 100 * np.maximum((out.image_embeds * out.text_embeds).sum(-1).numpy(), 0)
+    unit = lambda e: (e / e.norm(dim=-1, keepdim=True)).numpy()
+    want = 100 * (unit(out.image_embeds) * unit(out.text_embeds)).sum(-1)
     np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4)
+    assert evaluate.clip_score(np.array([30.0, -10.0])) == 10.0  # mean, then clamp
+    assert evaluate.clip_score(np.array([5.0, -25.0])) == 0.0
 
 
 @CASCADE
@@ -1796,18 +1800,28 @@ def test_evaluate_a_cascade_resumes_and_names_missing_files(eval_models, tiny_ca
     assert [r["guidance"] for r in record["rows"]] == [1.0, 3.0] and record["side"] == 32
     assert all(r["fid"] > 0 and 0 <= r["clip_score"] <= 100 and r["num"] == 8 for r in record["rows"])
     assert (tmp_path / "eval" / "pareto.png").exists() and (tmp_path / "eval" / "report.md").exists()
-    assert len(list((tmp_path / "eval" / "base_w3").glob("*.png"))) == 8
+    (w3,) = (tmp_path / "eval").glob("base_w3_*")
+    assert len(list(w3.glob("*.png"))) == 8 and record["rows"][1]["samples"] == w3.name
+    assert json.load(open(w3 / "settings.json"))["checkpoints"] == [["base", 1, 16], ["sr1", 1, 32]]
     # resumed: only the images that are missing are sampled again
-    os.remove(tmp_path / "eval" / "base_w3" / "00007.png")
+    os.remove(w3 / "00007.png")
     calls, real = [], imagen.generate
     monkeypatch.setattr(imagen, "generate", lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
     again = evaluate.main(argv)
     assert calls == [8]  # one batch of 8 (the batch holding the missing image)
     assert [(r["fid"], r["clip_score"]) for r in again["rows"]] == [(r["fid"], r["clip_score"]) for r in record["rows"]]
+    # another seed (other captions) or another setting: new folders, every image sampled anew
+    calls.clear()
+    other = evaluate.main(argv[:7] + ["3"] + argv[8:] + ["--seed", "1"])
+    assert calls == [8] and len(list((tmp_path / "eval").glob("base_w3_*"))) == 2
+    assert other["rows"][0]["fid"] != record["rows"][1]["fid"]
     with pytest.raises(SystemExit, match="(?s)nowhere.pth is missing: the Inception-v3 weights.*curl -L -o"):
         evaluate.main(argv[:-6] + ["--inception", str(tmp_path / "nowhere.pth"), "--out", str(tmp_path / "e2")])
     with pytest.raises(SystemExit, match="captions_val2014.json is missing"):
         evaluate.main(["--workdir", tiny_cascade, "--coco", str(tmp_path), "--inception", inception_path])
+    monkeypatch.setattr(evaluate, "MAX_FID_SIDE", 32)  # as 1024 against the paper's 256
+    with pytest.raises(SystemExit, match="FID at 64x64: the paper's FIDs are at 32x32 and below .*--stages 2"):
+        evaluate.main(argv[:-6] + ["--stages", "3", "--inception", inception_path, "--out", str(tmp_path / "e4")])
     (coco / "annotations" / "captions_val2014.json").write_text('{"annotations": [{"id": 1}]}')
     with pytest.raises(SystemExit, match="is not COCO's caption annotations .no 'caption'.: unzip"):
         evaluate.main(argv[:-2] + ["--out", str(tmp_path / "e3")])
