@@ -16,6 +16,7 @@ embeddings), so a resumed run measures the same examples without loading the tex
 """
 
 import itertools
+import json
 import os
 
 import jax
@@ -168,6 +169,23 @@ def peak_tflops(stage):
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
     return peak * jax.device_count() if peak and stage.unet.dtype == "bfloat16" else None
+
+
+def train_seconds(workdir, step):
+    """The seconds spent training up to `step` by earlier runs on workdir (from metrics.jsonl)."""
+    seconds = 0.0
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if rec.get("step", step + 1) <= step and "train_seconds" in rec:
+                    seconds = max(seconds, rec["train_seconds"])
+    except FileNotFoundError:
+        pass
+    return seconds
 
 
 # ---------------------------------------------------------------------------------------------

@@ -358,7 +358,7 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
         writer = monitor.open_writer(workdir, start)
         peak = monitor.peak_tflops(stage)
         step_tflop = 3 * B * imagen.forward_flops(stage, compile=False) / 1e12  # forward + backward, the U-Net's
-        train_seconds = _train_seconds(workdir, start)
+        train_seconds = monitor.train_seconds(workdir, start)
         pending, skipped, t_log = [], 0, time.time()
         if hasattr(progress, "advance"):  # a bar of a longer job (demo.Progress): it counts this stage's steps
             bar, own_bar = progress, False
@@ -426,23 +426,6 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
             print(f"{skipped} unreadable examples were replaced by the next readable ones "
                   f"(named in {workdir}/skipped.txt)")
         return state
-
-
-def _train_seconds(workdir, step):
-    """The seconds spent training up to `step` by earlier runs on workdir (from metrics.jsonl)."""
-    seconds = 0.0
-    try:
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill
-                    continue
-                if rec.get("step", step + 1) <= step and "train_seconds" in rec:
-                    seconds = max(seconds, rec["train_seconds"])
-    except FileNotFoundError:
-        pass
-    return seconds
 
 
 def parse_args(argv):
