@@ -46,6 +46,11 @@ import train
 from evaluate import plot_curve
 from sample import grid
 
+# watching the stages train (monitor.py) within 5% of the demo's time: the base's held-out loss
+# 3 times and its samples twice; one grid of each super-resolution stage, at its end
+WATCH = {"base": lambda steps: {"eval_every": steps // 3, "sample_every": steps // 2},
+         "sr1": lambda steps: {"eval_every": 0, "sample_every": steps},
+         "sr2": lambda steps: {"eval_every": 0, "sample_every": steps}}
 EVAL_SEED = 1000  # new seeds: the evaluation never shares an image with training
 SWEEP = (1.0, 2.0, 3.0, 5.0, 7.0, 10.0)  # guidance weights (the paper sweeps 1-10, App. D)
 TARGETS = {"colour": 0.90, "position": 0.75, "count": 0.60}
@@ -300,8 +305,8 @@ def write_report(workdir, result, settings, stages, train_seconds):
     lines += ["", "![prompts outside the grammar, one sample each, in the order of demo.NEW_LANGUAGE](new_language.png)"]
     lines += ["", "## While training", "",
               "Each stage's EMA weights sampled the same held-out prompts with the same noise as it trained "
-              "(monitor.py; the 32->64 and 64->128 stages upsample real low-res images), and measured the loss on "
-              "64 held-out examples by noise level; all of it in each stage's metrics.jsonl and TensorBoard "
+              "(monitor.py; the 32->64 and 64->128 stages upsample real low-res images), and the base's gave its "
+              "loss on 64 held-out examples by noise level; all of it in each stage's metrics.jsonl and TensorBoard "
               f"(`tensorboard --logdir {workdir}`).", "",
               "| stage | held-out loss at each evaluation (step: loss) | sample grids |", "| --- | --- | --- |"]
     for name in imagen.STAGE_NAMES:
@@ -381,7 +386,7 @@ def main(workdir="runs/demo", stage_configs=None, tcfgs=None, sampling=None, n_e
         steps = tcfgs[name].steps
         train.train(stage_configs[name], tcfgs[name], os.path.join(workdir, name),
                     log_every=max(1, min(50, steps // 10)), save_every=max(100, steps // 3), progress=progress,
-                    eval_every=max(1, steps // 6), sample_every=max(1, steps // 3))
+                    **WATCH[name](steps))
         train_seconds[name] = before + time.time() - t
         with open(seconds_file, "w") as f:
             json.dump(train_seconds[name], f)

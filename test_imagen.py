@@ -1921,8 +1921,11 @@ def test_short_demo_end_to_end(tmp_path, capsys):
     report = (tmp_path / "report.md").read_text()
     assert "| colour |" in report and "guidance_sweep.png" in report and "Position captions (" in report
     assert "| digit (e.g. \"2 red squares\") | 8 |" in report and "'t5-wordnet-small' (T5 v1.1 pretrained on text only" in report
-    for f in ("samples.png", "guidance_sweep.png", "thresholding.png", "new_language.png", "report.json"):
+    for f in ("samples.png", "guidance_sweep.png", "thresholding.png", "new_language.png", "report.json",
+              "training_samples.png"):
         assert (tmp_path / f).exists()
+    # each stage's samples while it trained, linked from the report
+    assert "[2](base/samples/step_0000002.png)" in report and "[1](sr2/samples/step_0000001.png)" in report
     assert result["ceiling"]["colour"][0] >= 0.95
     assert len(result["sweep"]) == len(demo.SWEEP)
 
