@@ -104,8 +104,7 @@ def load_inception(path):
 
     import torch  # noqa: PLC0415
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3  # noqa: PLC0415
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+    digest = sha256_file(path)
     try:
         weights = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
@@ -202,8 +201,9 @@ def clip_score(per_image) -> float:
 # Prompts, sampling, report
 # ---------------------------------------------------------------------------------------------
 
-def coco_captions(coco_dir, num, seed):
-    """`num` captions drawn at random (seeded, without replacement) from COCO val 2014's."""
+def coco_captions(coco_dir, num, seed, ids=False):
+    """`num` captions drawn at random (seeded, without replacement) from COCO val 2014's (with
+    ids=True: and their annotation ids, which metrics.json records)."""
     path = os.path.join(coco_dir, "annotations", "captions_val2014.json")
     if not os.path.exists(path):
         raise _missing("coco", path)
@@ -219,7 +219,28 @@ def coco_captions(coco_dir, num, seed):
     if num > len(anns):
         raise SystemExit(f"--num {num}: {path} has {len(anns)} captions")
     pick = np.random.default_rng(seed).choice(len(anns), num, replace=False)
-    return [anns[i]["caption"].strip() for i in pick]
+    captions = [anns[i]["caption"].strip() for i in pick]
+    return (captions, [anns[i]["id"] for i in pick]) if ids else captions
+
+
+def versions():
+    """The versions of the libraries that decide the numbers."""
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+    out = {}
+    for name in ("jax", "flax", "torch", "torch-fidelity", "transformers", "pillow", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def coco_images(coco_dir):
@@ -338,7 +359,7 @@ def run(a):
             json.dump({"clip_score_per_category": rows, "n": len(bench)}, f, indent=1)
         print(f"wrote {len(bench)} DrawBench samples and one grid per category to {out}")
         return rows
-    prompts = coco_captions(a.coco, a.num, a.seed)
+    prompts, caption_ids = coco_captions(a.coco, a.num, a.seed, ids=True)
     side = stages[-1].config.side
     if side > MAX_FID_SIDE:  # Inception would take 1024 -> 299 without antialiasing (clean-fid's pitfall)
         raise cli.UserError(f"FID at {side}x{side}: the paper's FIDs are at {MAX_FID_SIDE}x{MAX_FID_SIDE} and below "
@@ -359,12 +380,16 @@ def run(a):
         images = read_images(paths, side)
         row = {"guidance": w, "stage": a.sweep_stage, "num": len(prompts), "samples": os.path.basename(folder),
                "fid": fid(fid_statistics(inception_features(extractor, images)), ref),
-               "clip_score": clip_score(clip_scores(clip, images, prompts)) if clip else None,
                "settings": [dataclasses.asdict(s) for s in settings], "sample_s": round(time.time() - t, 1)}
+        per_image = clip_scores(clip, images, prompts) if clip else None
+        row["clip_score"] = clip_score(per_image) if clip else None
+        row["clip_per_image"] = None if per_image is None else [round(float(v), 4) for v in per_image]
         rows.append(row)
         print(f"w = {w:g}: FID {row['fid']:.3f}" + (f", CLIP score {row['clip_score']:.3f}" if clip else ""))
     record = {"workdir": a.workdir, "checkpoints": {s.config.name: s.step for s in stages}, "seed": a.seed,
-              "coco": a.coco, "inception": a.inception, "clip": a.clip, "side": side, "rows": rows}
+              "coco": a.coco, "caption_ids": caption_ids, "inception": a.inception,
+              "inception_sha256": sha256_file(a.inception), "clip": a.clip, "side": side, "versions": versions(),
+              "rows": rows}
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(record, f, indent=1)
     if clip:

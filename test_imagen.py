@@ -10,6 +10,7 @@ import argparse
 import collections
 import dataclasses
 import errno
+import hashlib
 import io
 import itertools
 import json
@@ -1799,6 +1800,16 @@ def test_evaluate_a_cascade_resumes_and_names_missing_files(eval_models, tiny_ca
     record = evaluate.main(argv)
     assert [r["guidance"] for r in record["rows"]] == [1.0, 3.0] and record["side"] == 32
     assert all(r["fid"] > 0 and 0 <= r["clip_score"] <= 100 and r["num"] == 8 for r in record["rows"])
+    # what decides the numbers is recorded: the captions' ids, the Inception file's digest, the
+    # library versions, each image's CLIP score (their mean, clamped, is the row's)
+    saved = json.load(open(tmp_path / "eval" / "metrics.json"))
+    caps = {a["id"]: a["caption"] for a in anns}
+    assert len(saved["caption_ids"]) == 8 and set(saved["caption_ids"]) <= set(caps)
+    assert saved["inception_sha256"] == hashlib.sha256(open(inception_path, "rb").read()).hexdigest()
+    assert saved["versions"]["torch-fidelity"] == "0.4.0" and saved["versions"]["jax"] == jax.__version__
+    for r in saved["rows"]:
+        assert len(r["clip_per_image"]) == 8
+        assert r["clip_score"] == pytest.approx(max(np.mean(r["clip_per_image"]), 0), abs=1e-3)
     assert (tmp_path / "eval" / "pareto.png").exists() and (tmp_path / "eval" / "report.md").exists()
     (w3,) = (tmp_path / "eval").glob("base_w3_*")
     assert len(list(w3.glob("*.png"))) == 8 and record["rows"][1]["samples"] == w3.name
