@@ -1,5 +1,5 @@
 """Evaluate a cascade as the paper does: zero-shot COCO FID and CLIP score per guidance weight
-(the Pareto curves), and DrawBench grids.
+(the Pareto curves), and DrawBench grids. The metrics themselves are metrics.py's.
 
 Saharia et al. 2022, §3 / Table 1: zero-shot FID-30K on COCO at 256x256, "30K prompts are drawn
 randomly from the validation set, and the model samples generated on these prompts are compared
@@ -7,25 +7,22 @@ with reference images from the full validation set", w = 1.35 (64x64) / 8.0 (sup
 §3, Figs. A.8, A.11, A.13: CLIP score against FID-10K over the guidance weights PAPER_GUIDANCE
 (one list for the base, another for the 64->256 model); §3 / App. C: DrawBench is judged by
 human raters, out of scope here: the grids are for people, the CLIP score per category a proxy.
+Each protocol is a preset (PROTOCOLS), and states its side:
 
-  python evaluate.py --workdir runs/paper --coco data/coco --inception ckpt/pt_inception-2015-12-05-6726825d.pth \
-      --clip ckpt/clip-vit-large-patch14 --out runs/paper/eval                 # Table 1: FID-30K
-  python evaluate.py --workdir runs/paper --coco data/coco ... --stages 1 --num 10000 --guidance paper
-      # Figs. A.8 / A.13: the 64x64 base alone, FID-10K at 64x64
-  python evaluate.py --workdir runs/paper --coco data/coco ... --stages 2 --sweep-stage sr1 --num 10000 \
-      --guidance paper                                                     # Fig. A.11: 64->256, at 256x256
+  python evaluate.py --workdir runs/paper --coco data/coco --clip ckpt/clip-vit-large-patch14
+      # --protocol table-1 (the default): FID-30K at 256x256, w = 1.35 / 8.0
+  python evaluate.py ... --protocol fig-a13   # Figs. A.8 / A.13: the 64x64 base alone, FID-10K at 64x64
+  python evaluate.py ... --protocol fig-a11   # Fig. A.11: 64->256's w swept, FID-10K at 256x256
+  python evaluate.py --compare runs/a/eval/metrics.json runs/b/eval/metrics.json --out cmp
   python evaluate.py --workdir runs/demo --drawbench [--clip DIR]
 
-Metrics come from the field's standard code: FID from torch-fidelity (its TF-ported Inception-v3,
-features of the 2048-d pool layer, its Frechet distance), the CLIP score as GLIDE and torchmetrics
-compute it, 100 x cos(image, text) per pair, its mean clamped at 0, with transformers' CLIP. One image
-pipeline for both sides: decoded to RGB, the shortest side resized (PIL bicubic, antialiased)
-and centre-cropped to the samples' side, kept as uint8 (samples are written as PNG, lossless);
-the extractors then apply their own resize (Inception: TF1-style bilinear to 299).
-Writes OUT/<stage>_w<guidance>_<key>/NNNNN.png, key a digest of everything that decides the
-images (settings.json inside: checkpoint steps, prompts, settings, seed, batch size; existing
-images of the same key are kept: an interrupted run resumes; any change gives a new folder),
-OUT/metrics.json, OUT/pareto.png and OUT/report.md.
+--stages, --num, --sweep-stage and --guidance change a protocol (metrics.json then says which);
+FID above 256x256 is refused: the paper reports none, and Inception would take 1024 -> 299
+without antialiasing. Writes OUT/<stage>_w<guidance>_<key>/NNNNN.png, key a digest of
+everything that decides the images (settings.json inside: checkpoint steps, prompts, settings,
+seed, batch size; existing images of the same key are kept: an interrupted run resumes; any
+change gives a new folder), OUT/metrics.json, OUT/pareto.png and OUT/report.md; the reference
+statistics go to --stats-cache (shared by every run).
 """
 
 import argparse
@@ -34,7 +31,6 @@ import glob
 import hashlib
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -45,168 +41,49 @@ import checkpoints
 import cli
 import data
 import imagen
+import metrics
 import sample
 
 MAX_FID_SIDE = 256  # Table 1's side; the paper reports no FID of 1024x1024 samples
+TABLE_1_FID = 7.27  # Table 1: Imagen's zero-shot FID-30K on COCO, 256x256
 PAPER_GUIDANCE = {"base": (1, 1.25, 1.5, 1.75, 2, 3, 4, 5, 6, 7, 8, 9, 10),  # Figs. A.8, A.13 (64x64)
                   "sr1": (1, 3, 5, 7, 8, 10, 12, 15, 18)}  # Fig. A.11 (64->256)
 # paper: not specified which COCO release ("the validation set", §3); COCO 2014 val, as GLIDE and
 # DALL-E 2 report. paper: not specified which CLIP computes the CLIP score (§3 cites CLIPScore
 # and CLIP); ViT-L/14, torchmetrics' default. paper: not specified which FID code; torch-fidelity.
-DOWNLOADS = {
-    "inception": "curl -L -o ckpt/pt_inception-2015-12-05-6726825d.pth "
-                 "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
-    "clip": "hf download openai/clip-vit-large-patch14 --local-dir ckpt/clip-vit-large-patch14",
-    "coco": "curl -LO http://images.cocodataset.org/zips/val2014.zip && curl -LO "
-            "http://images.cocodataset.org/annotations/annotations_trainval2014.zip (unzip both into DIR)",
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    figure: str       # what it reproduces, and at what side
+    stages: int       # 1: the 64x64 base alone; 2: 64 -> 256 (the FID's side is the last stage's)
+    sweep_stage: str  # the stage whose guidance weight is swept; the other keeps coco-fid's
+    guidance: tuple   # the swept weights
+    num: int          # captions (and samples) per weight
+
+
+PROTOCOLS = {
+    "table-1": Protocol("Table 1: zero-shot FID-30K on COCO at 256x256, w = 1.35 (64x64) and 8.0 (64->256)",
+                        2, "base", (1.35,), 30000),
+    "fig-a13": Protocol("Figs. A.8 / A.13: CLIP score vs FID-10K of the 64x64 base alone, at 64x64",
+                        1, "base", PAPER_GUIDANCE["base"], 10000),
+    # paper: not specified at which w the base is sampled for Fig. A.11; Table 1's 1.35
+    "fig-a11": Protocol("Fig. A.11: CLIP score vs FID-10K of 64->256 at 256x256, over its w; the base at w = 1.35",
+                        2, "sr1", PAPER_GUIDANCE["sr1"], 10000),
 }
-
-
-def _missing(what, path):
-    name = {"inception": "the Inception-v3 weights", "clip": "the CLIP model", "coco": "COCO 2014 val"}[what]
-    return SystemExit(f"{path} is missing: {name} are read from local files (nothing downloads at run "
-                      f"time). Get them once, on a machine with network:\n  {DOWNLOADS[what]}")
+SAMPLING = "coco-fid"  # every protocol's settings (imagen.SAMPLING): Table 1's w, aug level 0
 
 
 # ---------------------------------------------------------------------------------------------
-# One image pipeline
+# Prompts, sampling, plots
 # ---------------------------------------------------------------------------------------------
 
-def to_side(img: Image.Image, side: int) -> np.ndarray:
-    """An image -> uint8 (side, side, 3): RGB, shortest side to `side`, centre crop."""
-    return np.asarray(data.center_crop(data.to_rgb(img), side), np.uint8)
-
-
-def read_images(paths, side):
-    return np.stack([to_side(Image.open(p), side) for p in paths])
-
-
-# ---------------------------------------------------------------------------------------------
-# FID (torch-fidelity) and CLIP score (transformers)
-# ---------------------------------------------------------------------------------------------
-
-# the SHA-256 of torch-fidelity's published file; its first 8 digits are the 6726825d in the
-# file's name (torch.hub's convention for checking a download)
-INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
-
-
-def load_inception(path):
-    """torch-fidelity's Inception-v3 ("inception-v3-compat", the TF graph's weights) from a file.
-
-    The file is read as tensors only (torch.load(weights_only=True): a file that would run code
-    when unpickled is refused, not run) and handed to torch-fidelity re-saved from those tensors,
-    as its own loader unpickles whatever it is given. A file that is not the published one
-    (another SHA-256) still loads if it holds the weights, with a warning that its FID is not
-    comparable with published ones."""
-    if not path or not os.path.exists(path):
-        raise _missing("inception", path or "--inception")
-    import tempfile  # noqa: PLC0415
-
-    import torch  # noqa: PLC0415
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3  # noqa: PLC0415
-    digest = sha256_file(path)
-    try:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-            raise ValueError("not a state dict of tensors")
-    except Exception as e:  # pickles that are not plain tensors, random bytes: torch raises many kinds
-        raise cli.UserError(f"{path} is not the Inception-v3 weights file (not a state dict of tensors: "
-                            f"{type(e).__name__}); nothing in it was run. Get the published file once, on a "
-                            f"machine with network:\n  {DOWNLOADS['inception']}") from None
-    if digest != INCEPTION_SHA256:
-        print(f"warning: {path} is not torch-fidelity's published Inception-v3 file (SHA-256 {digest[:16]}...): "
-              "its FID is not comparable with published FIDs", file=sys.stderr)
-    with tempfile.TemporaryDirectory() as tmp:
-        safe = os.path.join(tmp, "inception.pth")
-        torch.save(weights, safe)
-        try:
-            return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=safe)
-        except RuntimeError as e:  # load_state_dict: missing or mis-shaped tensors
-            raise cli.UserError(f"{path} holds tensors, but not Inception-v3's ({str(e).splitlines()[0][:120]}): "
-                                f"get the published file:\n  {DOWNLOADS['inception']}") from None
-
-
-def inception_features(extractor, images_uint8, batch=64):
-    """uint8 (N, H, W, 3) -> float32 (N, 2048) torch features of the pool layer."""
-    import torch
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(images_uint8), batch):
-            x = torch.from_numpy(np.ascontiguousarray(images_uint8[i:i + batch].transpose(0, 3, 1, 2)))
-            out.append(extractor(x)[0])
-    return torch.cat(out)
-
-
-def fid_statistics(features):
-    from torch_fidelity.metric_fid import fid_features_to_statistics
-    return fid_features_to_statistics(features)
-
-
-def fid(stats_a, stats_b) -> float:
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
-    return float(fid_statistics_to_metric(stats_a, stats_b, False)[KEY_METRIC_FID])
-
-
-def reference_statistics(extractor, weights_path, paths, side, cache_dir):
-    """FID statistics of the reference images, computed once and cached in cache_dir, keyed by
-    the image set (names and sizes), the side and the extractor's weights file."""
-    h = hashlib.sha256(json.dumps([side, os.path.basename(weights_path), os.path.getsize(weights_path)] +
-                                  [[os.path.basename(p), os.path.getsize(p)] for p in paths]).encode())
-    path = os.path.join(cache_dir, f"fid_reference_{h.hexdigest()[:16]}.npz")
-    if os.path.exists(path):
-        z = np.load(path)
-        return {"mu": z["mu"], "sigma": z["sigma"]}
-    feats = []
-    for i in tqdm(range(0, len(paths), 256), desc="reference images", unit="batch"):
-        feats.append(inception_features(extractor, read_images(paths[i:i + 256], side)))
-    import torch
-    stats = fid_statistics(torch.cat(feats))
-    os.makedirs(cache_dir, exist_ok=True)
-    np.savez(path, **stats)
-    return stats
-
-
-def load_clip(path):
-    if not path or not os.path.isdir(path):
-        raise _missing("clip", path or "--clip")
-    from transformers import CLIPModel, CLIPProcessor
-    return CLIPModel.from_pretrained(path).eval(), CLIPProcessor.from_pretrained(path)
-
-
-def clip_scores(clip, images_uint8, captions, batch=32) -> np.ndarray:
-    """Per image: 100 x cos(E_image, E_text) of CLIP's projected embeddings, unclamped (GLIDE's
-    and torchmetrics' CLIPScore per pair); clip_score() averages them. Not Hessel et al.'s
-    CLIPScore (2.5 x max(cos, 0), ViT-B/32, the prefix "A photo depicts"), which §3 cites."""
-    import torch
-    model, processor = clip
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(captions), batch):
-            inputs = processor(text=list(captions[i:i + batch]), images=list(images_uint8[i:i + batch]),
-                               return_tensors="pt", padding=True, truncation=True)
-            out_ = model(**inputs)  # the projected embeddings (transformers' CLIPModel.forward)
-            img, txt = out_.image_embeds, out_.text_embeds
-            cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
-            out.append((100 * cos).numpy())
-    return np.concatenate(out)
-
-
-def clip_score(per_image) -> float:
-    """The CLIP score of a set: the mean of 100 x cos, clamped at 0 after the mean (torchmetrics'
-    CLIPScore: max(mean, 0)). paper: not specified beyond "CLIP score" (§3)."""
-    return max(float(np.mean(per_image)), 0.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Prompts, sampling, report
-# ---------------------------------------------------------------------------------------------
-
-def coco_captions(coco_dir, num, seed, ids=False):
-    """`num` captions drawn at random (seeded, without replacement) from COCO val 2014's (with
-    ids=True: and their annotation ids, which metrics.json records)."""
+def coco_captions(coco_dir, num, seed):
+    """`num` captions drawn at random (seeded, without replacement) from COCO val 2014's, and their
+    annotation ids (metrics.json records them)."""
     path = os.path.join(coco_dir, "annotations", "captions_val2014.json")
     if not os.path.exists(path):
-        raise _missing("coco", path)
+        raise metrics.missing("coco", path)
     try:
         with open(path) as f:
             anns = sorted(json.load(f)["annotations"], key=lambda a: a["id"])
@@ -215,38 +92,18 @@ def coco_captions(coco_dir, num, seed, ids=False):
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         what = f"no {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e)[:120]}"
         raise cli.UserError(f"{path} is not COCO's caption annotations ({what}): unzip "
-                            f"annotations_trainval2014.json again:\n  {DOWNLOADS['coco']}") from None
+                            f"annotations_trainval2014.json again:\n  {metrics.DOWNLOADS['coco']}") from None
     if num > len(anns):
-        raise SystemExit(f"--num {num}: {path} has {len(anns)} captions")
+        raise cli.UserError(f"--num {num}: {path} has {len(anns)} captions")
     pick = np.random.default_rng(seed).choice(len(anns), num, replace=False)
     captions = [anns[i]["caption"].strip() for i in pick]
-    return (captions, [anns[i]["id"] for i in pick]) if ids else captions
-
-
-def versions():
-    """The versions of the libraries that decide the numbers."""
-    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
-    out = {}
-    for name in ("jax", "flax", "torch", "torch-fidelity", "transformers", "pillow", "numpy"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return captions, [anns[i]["id"] for i in pick]
 
 
 def coco_images(coco_dir):
     paths = sorted(glob.glob(os.path.join(coco_dir, "val2014", "*.jpg")))
     if not paths:
-        raise _missing("coco", os.path.join(coco_dir, "val2014"))
+        raise metrics.missing("coco", os.path.join(coco_dir, "val2014"))
     return paths
 
 
@@ -285,13 +142,24 @@ def sample_set(stages, text, prompts, settings, out_dir, seed, batch_size):
 
 def plot_curve(points, path, xlabel, ylabel):
     """A line through points = [(x, y, label)], each labelled, saved to path (matplotlib)."""
-    import matplotlib
+    pareto_plot({"": points}, path, xlabel, ylabel, table_1=False)
+
+
+def pareto_plot(curves, path, xlabel="CLIP score", ylabel="FID", table_1=True):
+    """One labelled curve per {name: [(x, y, point label)]}; with table_1, the paper's Table 1
+    FID-30K as a dashed line (Table 1 gives no CLIP score)."""
+    import matplotlib  # noqa: PLC0415
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
-    for i, (x, y, label) in enumerate(points):  # alternate sides so neighbouring labels do not overlap
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, -12 if i % 2 else 6), fontsize=8)
+    for name, points in curves.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=name or None)
+        for i, (x, y, label) in enumerate(points):  # alternate sides so neighbouring labels do not overlap
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, -12 if i % 2 else 6), fontsize=8)
+    if table_1:
+        ax.axhline(TABLE_1_FID, ls="--", c="gray", lw=1, label=f"Imagen, Table 1: FID-30K {TABLE_1_FID} (256x256)")
+    if table_1 or len(curves) > 1:
+        ax.legend(fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -300,11 +168,35 @@ def plot_curve(points, path, xlabel, ylabel):
     plt.close(fig)
 
 
-def pareto_plot(rows, path):
-    """CLIP score against FID, one point per guidance weight (Figs. A.8, A.11, A.13)."""
-    n = rows[0]["num"]
-    plot_curve([(r["clip_score"], r["fid"], f"w={r['guidance']:g}") for r in rows], path, "CLIP score",
-               f"FID-{n // 1000}K" if n >= 1000 and n % 1000 == 0 else f"FID ({n} images)")
+def fid_label(n):
+    return f"FID-{n // 1000}K" if n >= 1000 and n % 1000 == 0 else f"FID ({n} images)"
+
+
+def curve(record):
+    return [(r["clip_score"], r["fid"], f"w={r['guidance']:g}") for r in record["rows"]]
+
+
+def compare(paths, out):
+    """pareto.png of several runs' metrics.json, one curve each (e.g. two checkpoints, two
+    ablations), into OUT/pareto_compare.png."""
+    curves = {}
+    for p in paths:
+        try:
+            with open(p) as f:
+                record = json.load(f)
+            rows = record["rows"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise cli.UserError(f"{p} is not an evaluate.py metrics.json ({type(e).__name__}: {e})") from None
+        if any(r.get("clip_score") is None for r in rows):
+            raise cli.UserError(f"{p} has no CLIP scores: run its evaluation again with --clip DIR")
+        steps = ", ".join(f"{k} {v}" for k, v in record.get("checkpoints", {}).items())
+        curves[f"{os.path.basename(os.path.dirname(os.path.abspath(p)))} ({steps}; {fid_label(rows[0]['num'])}, "
+               f"{record.get('side')}px)"] = curve(record)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "pareto_compare.png")
+    pareto_plot(curves, path)
+    print(f"wrote {path}: {len(curves)} curves")
+    return path
 
 
 def parse_args(argv):
@@ -312,99 +204,131 @@ def parse_args(argv):
     p.add_argument("--workdir", default="runs/paper", help="the cascade: base/, sr1/, sr2/")
     p.add_argument("--out", default=None, help="default WORKDIR/eval")
     p.add_argument("--coco", default=None, help="COCO dir: val2014/*.jpg, annotations/captions_val2014.json")
-    p.add_argument("--num", type=cli.positive_int, default=30000, help="captions (Table 1: 30000; the sweeps: 10000)")
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default="table-1",
+                   help="; ".join(f"{k}: {v.figure}" for k, v in PROTOCOLS.items()))
+    p.add_argument("--num", type=cli.positive_int, default=None, help="captions (default: the protocol's)")
     p.add_argument("--guidance", default=None,
-                   help="guidance weights of --sweep-stage, e.g. 1.35 or 1,2,5 or 'paper' (default: the sampling set's)")
-    p.add_argument("--sweep-stage", choices=["base", "sr1"], default="base", help="the stage --guidance sets")
-    p.add_argument("--sampling", choices=list(imagen.SAMPLING), default="coco-fid")
-    p.add_argument("--stages", type=int, choices=[1, 2, 3], default=None, help="default: the sampling set's")
+                   help="guidance weights of --sweep-stage, e.g. 1.35 or 1,2,5 (default: the protocol's)")
+    p.add_argument("--sweep-stage", choices=["base", "sr1"], default=None, help="the stage --guidance sets")
+    p.add_argument("--stages", type=int, choices=[1, 2, 3], default=None, help="default: the protocol's")
     p.add_argument("--inception", default="ckpt/pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--other-inception", action="store_true",
+                   help="use an --inception file other than torch-fidelity's published one (FID not comparable)")
+    p.add_argument("--stats-cache", default=None,
+                   help="the reference statistics' cache, shared between runs (default: fid_stats/ beside --inception)")
     p.add_argument("--clip", default=None, help="a CLIP directory (transformers); e.g. ckpt/clip-vit-large-patch14")
+    p.add_argument("--clip-convention", choices=list(metrics.CLIP_CONVENTIONS), default="100cos",
+                   help="100cos: 100 x cos, the mean clamped at 0 (GLIDE, torchmetrics); hessel: Hessel et al.'s "
+                        "CLIPScore, 2.5 x max(cos, 0) with the prefix 'A photo depicts'")
     p.add_argument("--drawbench", action="store_true", help="DrawBench grids (and CLIP scores with --clip)")
+    p.add_argument("--compare", nargs="+", default=None, metavar="METRICS_JSON",
+                   help="overlay these runs' metrics.json in OUT/pareto_compare.png (nothing is sampled)")
     p.add_argument("--seed", type=cli.seed, default=0)
     p.add_argument("--batch-size", type=cli.positive_int, default=8)
     a = p.parse_args(argv)
-    if a.guidance not in (None, "paper"):
+    if a.guidance is not None:
         try:
             a.guidance = cli.per_stage(cli.finite_float)(a.guidance)
         except argparse.ArgumentTypeError as err:
             p.error(f"argument --guidance: {err}")
-    if not a.drawbench and a.coco is None:
-        p.error("give --coco DIR (COCO FID and CLIP score) or --drawbench; see --help")
+    if not a.drawbench and a.coco is None and a.compare is None:
+        p.error("give --coco DIR (COCO FID and CLIP score), --drawbench or --compare; see --help")
     return a
 
 
+def drawbench(a, out, stages, text, clip):
+    """DrawBench (§3, App. C): the samples, one grid per category, a CLIP score per category."""
+    base = [imagen.SAMPLING[SAMPLING].get(s.config.name, imagen.default_sampling(s.config)) for s in stages]
+    bench = sample.read_drawbench()
+    prompts = [p for p, _ in bench]
+    paths = sample_set(stages, text, prompts, base,
+                       sample_dir(out, "drawbench", stages, prompts, base, a.seed, a.batch_size), a.seed, a.batch_size)
+    images = np.stack([np.asarray(Image.open(p)) for p in paths])
+    rows = {}
+    for cat in sorted({c for _, c in bench}):
+        idx = [i for i, (_, c) in enumerate(bench) if c == cat]
+        sample.grid(images[idx]).save(os.path.join(out, f"drawbench_{cat.replace(' ', '_')}.png"))
+        if clip:
+            scores = metrics.clip_scores(clip, images[idx], [bench[i][0] for i in idx], a.clip_convention)
+            rows[cat] = metrics.clip_score(scores, a.clip_convention)
+    with open(os.path.join(out, "drawbench.json"), "w") as f:
+        json.dump({"clip_score_per_category": rows, "clip_convention": a.clip_convention, "n": len(bench)}, f, indent=1)
+    print(f"wrote {len(bench)} DrawBench samples and one grid per category to {out}")
+    return rows
+
+
 def run(a):
+    if a.compare:
+        return compare(a.compare, a.out or os.path.dirname(os.path.abspath(a.compare[0])))
     out = a.out or os.path.join(a.workdir, "eval")
-    named = imagen.SAMPLING[a.sampling]
-    n_stages = a.stages or len(named)
-    clip = load_clip(a.clip) if a.clip else None
-    extractor = None if a.drawbench else load_inception(a.inception)
+    proto = PROTOCOLS[a.protocol]
+    changed = {k: v for k, v in (("stages", a.stages), ("num", a.num), ("sweep_stage", a.sweep_stage),
+                                 ("guidance", a.guidance)) if v is not None and v != getattr(proto, k)}
+    n_stages, num = a.stages or proto.stages, a.num or proto.num
+    sweep_stage, weights = a.sweep_stage or proto.sweep_stage, a.guidance or list(proto.guidance)
+    clip = metrics.load_clip(a.clip) if a.clip else None
+    extractor = None if a.drawbench else metrics.load_inception(a.inception, a.other_inception)
     stages = checkpoints.load_cascade(a.workdir, n_stages)
-    base = [named.get(s.config.name, imagen.default_sampling(s.config)) for s in stages]
     text = data.load_text_encoder(stages[0].config.text_encoder)
+    os.makedirs(out, exist_ok=True)
     if a.drawbench:
-        bench = sample.read_drawbench()
-        prompts = [p for p, _ in bench]
-        paths = sample_set(stages, text, prompts, base,
-                           sample_dir(out, "drawbench", stages, prompts, base, a.seed, a.batch_size), a.seed, a.batch_size)
-        images = np.stack([np.asarray(Image.open(p)) for p in paths])
-        rows = {}
-        for cat in sorted({c for _, c in bench}):
-            idx = [i for i, (_, c) in enumerate(bench) if c == cat]
-            sample.grid(images[idx]).save(os.path.join(out, f"drawbench_{cat.replace(' ', '_')}.png"))
-            if clip:
-                rows[cat] = clip_score(clip_scores(clip, images[idx], [bench[i][0] for i in idx]))
-        with open(os.path.join(out, "drawbench.json"), "w") as f:
-            json.dump({"clip_score_per_category": rows, "n": len(bench)}, f, indent=1)
-        print(f"wrote {len(bench)} DrawBench samples and one grid per category to {out}")
-        return rows
-    prompts, caption_ids = coco_captions(a.coco, a.num, a.seed, ids=True)
+        return drawbench(a, out, stages, text, clip)
     side = stages[-1].config.side
     if side > MAX_FID_SIDE:  # Inception would take 1024 -> 299 without antialiasing (clean-fid's pitfall)
         raise cli.UserError(f"FID at {side}x{side}: the paper's FIDs are at {MAX_FID_SIDE}x{MAX_FID_SIDE} and below "
                             f"(Table 1: 256; Figs. A.8, A.13: the 64x64 base; A.11: 64->256); give --stages 2 "
-                            f"(or --stages 1 for the base alone)")
-    ref = reference_statistics(extractor, a.inception, coco_images(a.coco), side, out)
-    k = ["base", "sr1"].index(a.sweep_stage)
+                            f"(or --protocol fig-a13 for the base alone)")
+    k = ["base", "sr1"].index(sweep_stage)
     if k >= len(stages):
-        raise SystemExit(f"--sweep-stage {a.sweep_stage}: the cascade evaluated has {len(stages)} stage(s)")
-    weights = (PAPER_GUIDANCE[a.sweep_stage] if a.guidance == "paper" else
-               a.guidance if a.guidance else [base[k].guidance])
+        raise cli.UserError(f"--sweep-stage {sweep_stage}: the cascade evaluated has {len(stages)} stage(s)")
+    prompts, caption_ids = coco_captions(a.coco, num, a.seed)
+    ref = metrics.reference_statistics(extractor, coco_images(a.coco), side,
+                                       a.stats_cache or os.path.join(os.path.dirname(a.inception) or ".", "fid_stats"))
+    named = imagen.SAMPLING[SAMPLING]
+    base = [named.get(s.config.name, imagen.default_sampling(s.config)) for s in stages]
+    what = proto.figure + (f"; changed: {json.dumps(changed)}" if changed else "")
+    print(f"{a.protocol}: {what}; {len(stages)} stage(s), {side}x{side}")
     rows = []
     for w in weights:
         settings = [dataclasses.replace(s, guidance=w) if i == k else s for i, s in enumerate(base)]
         t = time.time()
-        folder = sample_dir(out, f"{a.sweep_stage}_w{w:g}", stages, prompts, settings, a.seed, a.batch_size)
+        folder = sample_dir(out, f"{sweep_stage}_w{w:g}", stages, prompts, settings, a.seed, a.batch_size)
         paths = sample_set(stages, text, prompts, settings, folder, a.seed, a.batch_size)
-        images = read_images(paths, side)
-        row = {"guidance": w, "stage": a.sweep_stage, "num": len(prompts), "samples": os.path.basename(folder),
-               "fid": fid(fid_statistics(inception_features(extractor, images)), ref),
+        images = metrics.read_images(paths, side)
+        feats = metrics.inception_features(extractor, images, desc=f"Inception, w = {w:g}")
+        row = {"guidance": w, "stage": sweep_stage, "num": len(prompts), "samples": os.path.basename(folder),
+               "fid": metrics.fid(metrics.fid_statistics(feats), ref),
                "settings": [dataclasses.asdict(s) for s in settings], "sample_s": round(time.time() - t, 1)}
-        per_image = clip_scores(clip, images, prompts) if clip else None
-        row["clip_score"] = clip_score(per_image) if clip else None
-        row["clip_per_image"] = None if per_image is None else [round(float(v), 4) for v in per_image]
+        per_pair = metrics.clip_scores(clip, images, prompts, a.clip_convention, desc=f"CLIP, w = {w:g}") if clip else None
+        row["clip_score"] = metrics.clip_score(per_pair, a.clip_convention) if clip else None
+        row["clip_per_image"] = None if per_pair is None else [round(float(v), 4) for v in per_pair]
         rows.append(row)
-        print(f"w = {w:g}: FID {row['fid']:.3f}" + (f", CLIP score {row['clip_score']:.3f}" if clip else ""))
-    record = {"workdir": a.workdir, "checkpoints": {s.config.name: s.step for s in stages}, "seed": a.seed,
-              "coco": a.coco, "caption_ids": caption_ids, "inception": a.inception,
-              "inception_sha256": sha256_file(a.inception), "clip": a.clip, "side": side, "versions": versions(),
-              "rows": rows}
+        print(f"w = {w:g}: {fid_label(len(prompts))} {row['fid']:.3f}" +
+              (f", CLIP score {row['clip_score']:.3f}" if clip else ""))
+    record = {"protocol": a.protocol, "figure": proto.figure, "changed": changed, "workdir": a.workdir,
+              "checkpoints": {s.config.name: s.step for s in stages}, "side": side, "seed": a.seed,
+              "coco": a.coco, "caption_ids": caption_ids, "reference_stats": ref["key"],
+              "inception": a.inception, "inception_sha256": extractor.sha256, "clip": a.clip,
+              "clip_convention": a.clip_convention, "clip_sha256": metrics.clip_files_sha256(a.clip) if clip else None,
+              "versions": metrics.versions(), "rows": rows}
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(record, f, indent=1)
     if clip:
-        pareto_plot(rows, os.path.join(out, "pareto.png"))
+        pareto_plot({"": curve(record)}, os.path.join(out, "pareto.png"), ylabel=fid_label(num))
     with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(f"# {a.workdir}: zero-shot COCO, {len(prompts)} captions, {side}x{side}\n\n"
-                "| w | FID | CLIP score |\n| --- | --- | --- |\n" +
+        f.write(f"# {a.workdir}: zero-shot COCO, {len(prompts)} captions, {side}x{side}\n\n{what}\n\n"
+                f"| w ({sweep_stage}) | {fid_label(num)} | CLIP score ({a.clip_convention}) |\n| --- | --- | --- |\n" +
                 "".join(f"| {r['guidance']:g} | {r['fid']:.3f} | "
                         f"{'' if r['clip_score'] is None else format(r['clip_score'], '.3f')} |\n" for r in rows) +
-                "\nThe paper (Table 1): FID-30K 7.27 at w = 1.35 / 8.0.\n")
+                f"\nThe paper (Table 1): FID-30K {TABLE_1_FID} at 256x256, w = 1.35 / 8.0.\n")
     print(f"wrote metrics.json, report.md{', pareto.png' if clip else ''} to {out}")
     return record
 
 
 def main(argv=None):
+    # JAX takes 75% of an accelerator's memory when it starts; leave half to torch's Inception
+    # and CLIP (read when JAX starts its backend, on the first array; a value set is kept)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
     return cli.run(lambda argv: run(parse_args(argv)), argv)
 
 

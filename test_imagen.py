@@ -53,6 +53,7 @@ import demo  # noqa: E402
 import diffusion as D  # noqa: E402
 import dry_run  # noqa: E402
 import evaluate  # noqa: E402
+import metrics  # noqa: E402
 import efficient_unet as E  # noqa: E402
 import checkpoints  # noqa: E402
 import imagen  # noqa: E402
@@ -1699,11 +1700,13 @@ def test_sample_cli_outputs_and_faults(tiny_cascade, tmp_path, capsys):
 
 
 # =============================================================================================
-# Evaluation (evaluate.py: §3, Table 1, Figs. A.8-A.13)
+# Evaluation (metrics.py, evaluate.py: §3, Table 1, Figs. A.8-A.13)
 #
 # A random Inception of torch-fidelity's architecture and a tiny random CLIP, saved as the real
-# files are: FID is ~0 on a folder against itself, equals torch-fidelity's own result, the CLIP
-# score equals transformers' own; the whole path on a tiny cascade, resumed; missing files.
+# files are: FID is ~0 on a folder against itself, equals torch-fidelity's own result and the
+# closed form for Gaussians; reference JPEGs are cropped as torchvision crops them; the CLIP
+# score equals torchmetrics'; the whole path on a tiny cascade, resumed, re-keyed when anything
+# that decides the images changes, each protocol at its side; missing files.
 # =============================================================================================
 
 @pytest.fixture(scope="session")
@@ -1742,12 +1745,16 @@ def _folder(path, images):
 
 def test_fid_and_clip_score_are_the_libraries(eval_models, tmp_path, capsys):
     import torch_fidelity
+    from torchmetrics.multimodal import CLIPScore
     inception_path, clip_dir = eval_models
     images = np.stack([np.asarray(shapes.make_example(3, i, 32)[0]) for i in range(12)])
     shifted = np.clip(images.astype(int) - 60, 0, 255).astype(np.uint8)
     a, b = _folder(tmp_path / "a", images), _folder(tmp_path / "b", shifted)
-    ext = evaluate.load_inception(inception_path)
-    assert "is not torch-fidelity's published Inception-v3 file" in capsys.readouterr().err  # random weights
+    # random weights, not the published file: refused, or used with a warning when asked
+    with pytest.raises(cli.UserError, match="(?s)is not torch-fidelity's published Inception-v3 file.*curl.*--other-inc"):
+        metrics.load_inception(inception_path)
+    ext = metrics.load_inception(inception_path, allow_other=True)
+    assert "is not torch-fidelity's published Inception-v3 file" in capsys.readouterr().err
     # a weights file is read as tensors only: a pickle that would run code is refused unrun
     marker = tmp_path / "ran"
 
@@ -1759,27 +1766,110 @@ def test_fid_and_clip_score_are_the_libraries(eval_models, tmp_path, capsys):
     (tmp_path / "noise.pth").write_bytes(np.random.default_rng(0).bytes(4096))
     for bad in ("evil.pth", "noise.pth"):
         with pytest.raises(cli.UserError, match="(?s)is not the Inception-v3 weights file .*nothing in it was run.*curl"):
-            evaluate.load_inception(str(tmp_path / bad))
+            metrics.load_inception(str(tmp_path / bad), allow_other=True)
     assert not marker.exists()
-    stats = {k: evaluate.fid_statistics(evaluate.inception_features(ext, evaluate.read_images(p, 32)))
+    stats = {k: metrics.fid_statistics(metrics.inception_features(ext, metrics.read_images(p, 32)))
              for k, p in (("a", a), ("b", b))}
-    self_fid, ab = evaluate.fid(stats["a"], stats["a"]), evaluate.fid(stats["a"], stats["b"])
+    self_fid, ab = metrics.fid(stats["a"], stats["a"]), metrics.fid(stats["a"], stats["b"])
     assert abs(self_fid) < 1e-6 * ab and ab > 0
     ref = torch_fidelity.calculate_metrics(input1=str(tmp_path / "a"), input2=str(tmp_path / "b"), fid=True, cuda=False,
                                            cache=False, verbose=False, feature_extractor_weights_path=inception_path)
     np.testing.assert_allclose(ab, ref["frechet_inception_distance"], rtol=1e-4)
-    # CLIP score: 100 x cos per pair of transformers' own projected embeddings, normalised here;
-    # the set's score clamped after the mean (torchmetrics), not per image
-    clip = evaluate.load_clip(clip_dir)
+    # the CLIP score ("100cos") against torchmetrics' CLIPScore on the same model: 100 x cos per
+    # pair, clamped after the mean. torchmetrics 1.9 reads get_*_features as tensors, which
+    # transformers 5 wraps in an output object: the shim hands it the tensor, nothing else.
+    clip = metrics.load_clip(clip_dir)
     captions = [shapes.make_example(3, i, 32)[1] for i in range(12)]
-    ours = evaluate.clip_scores(clip, images, captions, batch=5)
+    ours = metrics.clip_scores(clip, images, captions, batch=5)
+
+    class Unwrapped(type(clip[0])):
+        def get_image_features(self, *a, **k):
+            return super().get_image_features(*a, **k).pooler_output
+
+        def get_text_features(self, *a, **k):
+            return super().get_text_features(*a, **k).pooler_output
+    shim = Unwrapped.from_pretrained(clip_dir).eval()
+    tm = CLIPScore(model_name_or_path=lambda: (shim, clip[1]))
+    tm.update(list(torch.from_numpy(images).permute(0, 3, 1, 2)), captions)
+    np.testing.assert_allclose(metrics.clip_score(ours), float(tm.compute()), rtol=1e-4, atol=1e-4)
+    assert metrics.clip_score(np.array([30.0, -10.0])) == 10.0  # mean, then clamp
+    assert metrics.clip_score(np.array([5.0, -25.0])) == 0.0
+    # Hessel et al.'s CLIPScore: 2.5 x max(cos, 0) per pair, the caption prefixed, computed here
+    # from transformers' own projected embeddings
+    hessel = metrics.clip_scores(clip, images, captions, "hessel", batch=5)
     with torch.no_grad():
-        out = clip[0](**clip[1](text=captions, images=list(images), return_tensors="pt", padding=True))
+        out = clip[0](**clip[1](text=["A photo depicts " + c for c in captions], images=list(images),
+                                return_tensors="pt", padding=True))
     unit = lambda e: (e / e.norm(dim=-1, keepdim=True)).numpy()
-    want = 100 * (unit(out.image_embeds) * unit(out.text_embeds)).sum(-1)
-    np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4)
-    assert evaluate.clip_score(np.array([30.0, -10.0])) == 10.0  # mean, then clamp
-    assert evaluate.clip_score(np.array([5.0, -25.0])) == 0.0
+    want = 2.5 * np.maximum((unit(out.image_embeds) * unit(out.text_embeds)).sum(-1), 0)
+    np.testing.assert_allclose(hessel, want, rtol=1e-4, atol=1e-5)
+    assert metrics.clip_score(hessel, "hessel") == pytest.approx(want.mean(), abs=1e-5)
+
+
+def test_fid_is_the_frechet_distance_of_known_gaussians():
+    """The closed form: |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2), where for 2x2
+    positive definite S1, S2, tr((S1 S2)^1/2) = sqrt(tr(S1 S2) + 2 sqrt(det(S1 S2))) (the
+    eigenvalues of S1 S2 are real and positive): non-commuting covariances, no sqrtm here."""
+    s1, s2 = np.array([[2.0, 0.6], [0.6, 1.0]]), np.array([[0.5, -0.3], [-0.3, 3.0]])
+    mu1, mu2 = np.array([0.0, 1.0]), np.array([2.0, -1.0])
+    p = s1 @ s2
+    want = (np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
+            - 2 * np.sqrt(np.trace(p) + 2 * np.sqrt(np.linalg.det(p))))
+    assert metrics.fid({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}) == pytest.approx(want, rel=1e-6)
+    # diagonal covariances: sum (sqrt(a) - sqrt(b))^2 over the axes, plus the means' distance
+    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 4.0, 1.0])
+    got = metrics.fid({"mu": np.zeros(3), "sigma": np.diag(a)}, {"mu": np.ones(3), "sigma": np.diag(b)})
+    assert got == pytest.approx(3 + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2), rel=1e-6)
+    # features -> statistics: their mean and unbiased covariance
+    feats = np.random.default_rng(0).normal(size=(500, 3)) @ np.array([[1, 0, 0], [0.5, 2, 0], [0, 0, 0.1]])
+    stats = metrics.fid_statistics(torch.from_numpy(feats))
+    np.testing.assert_allclose(stats["mu"], feats.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(stats["sigma"], np.cov(feats, rowvar=False), rtol=1e-6)
+
+
+def test_reference_images_are_resized_cropped_and_cached(eval_models, tmp_path, capsys, monkeypatch):
+    """COCO's JPEGs are not square: the shortest side is resized (bicubic, antialiased) and the
+    centre cropped, as torchvision's Resize + CenterCrop do (sizes where both round alike), not
+    squashed; the reference statistics equal torch-fidelity's FID inputs; the cache is keyed by
+    the side and checked by its digest."""
+    import torch_fidelity
+    from torchvision import transforms as T
+    inception_path, _ = eval_models
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h, mode) in enumerate([(80, 40, "RGB"), (48, 72, "RGB"), (64, 32, "L"), (40, 100, "RGB")] * 2):
+        smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (h // 4, w // 4, 3), np.uint8)).resize((w, h)))
+        paths.append(str(tmp_path / f"{i}.jpg"))
+        Image.fromarray(smooth).convert(mode).save(paths[-1], quality=90)
+    ours = metrics.read_images(paths, 32)
+    tv = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(32)])
+    want = np.stack([np.asarray(tv(Image.open(p).convert("RGB"))) for p in paths])
+    np.testing.assert_array_equal(ours, want)
+    squashed = np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32), Image.BICUBIC)) for p in paths])
+    assert np.abs(ours.astype(int) - squashed).mean() > 10  # the test tells the two apart
+    # the statistics of those images are what torch-fidelity computes from the same crops
+    ext = metrics.load_inception(inception_path, allow_other=True)
+    ref = metrics.reference_statistics(ext, paths, 32, str(tmp_path / "cache"))
+    samples = np.stack([np.asarray(shapes.make_example(3, i, 32)[0]) for i in range(8)])
+    _folder(tmp_path / "crops", want), _folder(tmp_path / "samples", samples)
+    got = metrics.fid(metrics.fid_statistics(metrics.inception_features(ext, samples)), ref)
+    tf = torch_fidelity.calculate_metrics(input1=str(tmp_path / "samples"), input2=str(tmp_path / "crops"), fid=True,
+                                          cuda=False, cache=False, verbose=False,
+                                          feature_extractor_weights_path=inception_path)
+    np.testing.assert_allclose(got, tf["frechet_inception_distance"], rtol=1e-4)
+    # cached: read back without Inception; another side is another key; a damaged file is redone
+    monkeypatch.setattr(metrics, "inception_features", lambda *a, **k: pytest.fail("recomputed a cached set"))
+    again = metrics.reference_statistics(ext, paths, 32, str(tmp_path / "cache"))
+    assert again["key"] == ref["key"] and np.array_equal(again["sigma"], ref["sigma"])
+    monkeypatch.undo()
+    other = metrics.reference_statistics(ext, paths, 16, str(tmp_path / "cache"))
+    assert other["key"] != ref["key"] and len(list((tmp_path / "cache").glob("*.npz"))) == 2
+    npz = tmp_path / "cache" / f"fid_reference_{ref['key']}.npz"
+    npz.write_bytes(npz.read_bytes()[:-10] + b"0" * 10)
+    capsys.readouterr()
+    redone = metrics.reference_statistics(ext, paths, 32, str(tmp_path / "cache"))
+    assert "does not match its recorded SHA-256" in capsys.readouterr().err
+    np.testing.assert_allclose(redone["sigma"], ref["sigma"], rtol=1e-6)
 
 
 @CASCADE
@@ -1795,6 +1885,7 @@ def test_evaluate_a_cascade_resumes_and_names_missing_files(eval_models, tiny_ca
     (coco / "annotations" / "captions_val2014.json").write_text(json.dumps({"annotations": anns}))
     few_steps = {k: dataclasses.replace(v, steps=3) for k, v in imagen.SAMPLING["coco-fid"].items()}
     monkeypatch.setitem(imagen.SAMPLING, "coco-fid", few_steps)  # Table 1's settings, 3 steps per stage
+    monkeypatch.setattr(metrics, "INCEPTION_SHA256", hashlib.sha256(open(inception_path, "rb").read()).hexdigest())
     argv = ["--workdir", tiny_cascade, "--coco", str(coco), "--num", "8", "--guidance", "1,3", "--stages", "2",
             "--inception", inception_path, "--clip", clip_dir, "--out", str(tmp_path / "eval")]
     record = evaluate.main(argv)
@@ -1833,6 +1924,20 @@ def test_evaluate_a_cascade_resumes_and_names_missing_files(eval_models, tiny_ca
     monkeypatch.setattr(evaluate, "MAX_FID_SIDE", 32)  # as 1024 against the paper's 256
     with pytest.raises(SystemExit, match="FID at 64x64: the paper's FIDs are at 32x32 and below .*--stages 2"):
         evaluate.main(argv[:-6] + ["--stages", "3", "--inception", inception_path, "--out", str(tmp_path / "e4")])
+    # Figs. A.8 / A.13's protocol: the base alone, measured at its own side, in its own folders;
+    # then both runs' curves in one plot
+    base_only = evaluate.main(argv[:5] + ["8", "--guidance", "2", "--protocol", "fig-a13"] + argv[10:-2] +
+                              ["--out", str(tmp_path / "e5")])
+    assert base_only["side"] == 16 and base_only["protocol"] == "fig-a13" and base_only["changed"] == {"num": 8, "guidance": [2.0]}
+    (b2,) = (tmp_path / "e5").glob("base_w2_*")
+    assert json.load(open(b2 / "settings.json"))["checkpoints"] == [["base", 1, 16]]
+    assert np.asarray(Image.open(b2 / "00000.png")).shape == (16, 16, 3)
+    assert base_only["reference_stats"] != record["reference_stats"]  # 16x16 reference crops, not 32x32
+    plot = evaluate.main(["--compare", str(tmp_path / "eval" / "metrics.json"), str(tmp_path / "e5" / "metrics.json"),
+                          "--out", str(tmp_path / "cmp")])
+    assert plot.endswith("pareto_compare.png") and os.path.exists(plot)
+    with pytest.raises(SystemExit, match="is not an evaluate.py metrics.json"):
+        evaluate.main(["--compare", str(coco / "annotations" / "captions_val2014.json")])
     (coco / "annotations" / "captions_val2014.json").write_text('{"annotations": [{"id": 1}]}')
     with pytest.raises(SystemExit, match="is not COCO's caption annotations .no 'caption'.: unzip"):
         evaluate.main(argv[:-2] + ["--out", str(tmp_path / "e3")])
