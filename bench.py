@@ -2,7 +2,7 @@
 
   python bench.py --preset demo --stage base --batch-size 8            # CPU-sized
   python bench.py --preset paper --stage base --batch-size 64 --json   # an accelerator
-  python bench.py --preset demo --stage base --batch-size 8 --compare-peer
+  python bench.py --preset demo --stage base --batch-size 8 --compare-peer   # with imagen-pytorch installed
 
 Train step = forward + backward + optimiser update + EMA, jitted as train.py runs it, on
 random data of the stage's training shape with 128 (paper) or 64 (demo) text tokens of the
@@ -10,7 +10,8 @@ stage's text width. FLOPs come from XLA's cost analysis of the compiled step; MF
 achieved FLOP/s over a large matmul measured in the same process (bf16 on accelerators,
 float32 on CPU). Sampling: the time of one guided denoising step (2B network passes) and,
 with --cascade, the latency of the whole cascade for one prompt at the default step counts.
-With --json the last line of stdout is one JSON object.
+With --json the last line of stdout is one JSON object. --compare-peer times lucidrains'
+imagen-pytorch on the same work (bench_peer) when it is installed (pip install imagen-pytorch).
 """
 
 import argparse
@@ -34,7 +35,6 @@ import sharding
 import train
 from unet import UNetConfig
 
-PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "peers", "imagen_pytorch_bench.py")
 # The peer's "tiny" U-Net (imagen_pytorch_bench.py) in our U-Net's terms: widths 64-256, two
 # blocks per level, attention with text at 16, 8 and 4 (of 32), 64-dim heads, no patch.
 # --peer-widths puts it in place of the demo base, to compare the frameworks on the same shape.
@@ -173,15 +173,87 @@ def bench_cascade(preset, text_len, b):
     return {"cascade_latency_s": time.perf_counter() - t}
 
 
+def bench_peer(preset, batch, size, text_dim, tokens, precision, steps=8):
+    """lucidrains' imagen-pytorch, the PyTorch peer, on the same work: one training step
+    (forward, backward, Adam) of the peer's U-Net for `preset` (its BaseUnet64, SRUnet256,
+    SRUnet1024, or a tiny Unet for CPU runs) at batch x size, random images and random text
+    embeddings (tokens x text_dim), under bf16 autocast (precision "fp32": off). -> params,
+    step time, images/s, FLOPs per step (torch's FlopCounterMode), TFLOP/s and on CUDA the MFU
+    against a bf16 matmul timed in the same process. Needs torch and imagen-pytorch installed."""
+    import types  # noqa: PLC0415
+
+    import transformers  # noqa: PLC0415
+    # imagen-pytorch reads a T5 config from the hub when imported; offline, answer locally
+    transformers.T5Config.from_pretrained = classmethod(lambda cls, name, **kw: cls(d_model=text_dim))
+    try:
+        import datasets  # noqa: F401, PLC0415 (imagen-pytorch's data module imports it; unused here)
+    except ImportError:
+        for name in ("datasets", "datasets.utils", "datasets.utils.file_utils"):
+            sys.modules[name] = types.ModuleType(name)
+        sys.modules["datasets.utils.file_utils"].get_datasets_user_agent = lambda: "offline"
+    import torch  # noqa: PLC0415
+    from imagen_pytorch import Imagen, NullUnet, SRUnet256, SRUnet1024, BaseUnet64, Unet  # noqa: PLC0415
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    unet = {"base64": BaseUnet64, "sr256": SRUnet256, "sr1024": SRUnet1024,
+            "tiny": lambda: Unet(dim=64, cond_dim=256, dim_mults=(1, 2, 3, 4), num_resnet_blocks=2,
+                                 layer_attns=(False, True, True, True), layer_cross_attns=(False, True, True, True),
+                                 attn_heads=4)}[preset]()
+    lowres = preset in ("sr256", "sr1024")
+    unets, sizes, number = ((NullUnet(), unet), (size // 4, size), 2) if lowres else ((unet,), (size,), 1)
+    model = Imagen(unets=unets, image_sizes=sizes, text_embed_dim=text_dim, timesteps=1000, cond_drop_prob=0.1).to(dev)
+    opt = torch.optim.Adam(unet.parameters(), lr=1e-4)
+    imgs = torch.rand(batch, 3, size, size, device=dev)
+    emb = torch.randn(batch, tokens, text_dim, device=dev)
+    mask = torch.ones(batch, tokens, dtype=torch.bool, device=dev)
+
+    def step():
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(imgs, text_embeds=emb, text_masks=mask, unet_number=number)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(), step(), sync()
+    with FlopCounterMode(display=False) as fc:
+        step()
+    flops = fc.get_total_flops()
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t) / steps
+    r = {"peer": "imagen-pytorch", "preset": preset, "device": dev, "precision": precision,
+         "params": sum(q.numel() for q in unet.parameters()), "batch": batch, "size": size, "step_s": dt,
+         "img_per_s": batch / dt, "flops_per_step": flops, "tflops": flops / dt / 1e12}
+    if dev == "cuda":
+        x = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+        for _ in range(3):
+            x @ x
+        sync()
+        t = time.perf_counter()
+        for _ in range(10):
+            x @ x
+        sync()
+        peak = 2 * 8192 ** 3 / ((time.perf_counter() - t) / 10)
+        r.update(matmul_peak_tflops=peak / 1e12, mfu=flops / dt / peak)
+    return r
+
+
 def run_peer(preset, stage, batch, size, text_dim, tokens, precision, python=None):
-    """../shared/peers/imagen_pytorch_bench.py on the matching peer preset, same shapes."""
-    if not os.path.exists(PEER):
-        return {"error": f"{PEER} not found"}
-    cmd = [python or sys.executable, PEER, "--preset", PEER_PRESET[(preset, stage)], "--batch", str(batch),
-           "--size", str(size), "--text-dim", str(text_dim), "--tokens", str(tokens), "--precision", precision]
+    """bench_peer in its own process (torch and JAX do not share the accelerator's memory), with
+    `python` (an interpreter that has torch and imagen-pytorch; default: this one)."""
+    cmd = [python or sys.executable, os.path.abspath(__file__), "--peer-only", PEER_PRESET[(preset, stage)],
+           "--batch-size", str(batch), "--peer-size", str(size), "--peer-text", f"{tokens}x{text_dim}",
+           "--peer-precision", precision]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        return {"error": (r.stderr or r.stdout).strip().splitlines()[-1:]}
+        last = (r.stderr or r.stdout).strip().splitlines()[-1:]
+        if any("No module named 'imagen_pytorch'" in line for line in last):
+            return {"error": "imagen-pytorch is not installed: pip install imagen-pytorch (or give --peer-python)"}
+        return {"error": last}
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -201,6 +273,10 @@ def main(argv=None):
     p.add_argument("--compare-peer", action="store_true", help="run the imagen-pytorch benchmark too")
     p.add_argument("--peer-python", default=None,
                    help="interpreter with torch + imagen-pytorch for the peer (default: this one)")
+    p.add_argument("--peer-only", choices=sorted(set(PEER_PRESET.values())), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--peer-size", type=cli.positive_int, default=32, help=argparse.SUPPRESS)
+    p.add_argument("--peer-text", default="128x4096", help=argparse.SUPPRESS)
+    p.add_argument("--peer-precision", choices=["bf16", "fp32"], default="bf16", help=argparse.SUPPRESS)
     p.add_argument("--peer-widths", action="store_true",
                    help="demo base only: our U-Net at the widths of the peer's tiny U-Net (PEER_TINY_UNET)")
     p.add_argument("--mesh", type=sharding.parse_mesh, default="data=-1,fsdp=1", help="train step: data=D,fsdp=F as in train.py")
@@ -210,6 +286,11 @@ def main(argv=None):
     p.add_argument("--width-div", type=cli.positive_int, default=1, help="with --efficient-vs-plain: divide every width")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    if a.peer_only:  # run_peer's own process
+        tokens, text_dim = map(int, a.peer_text.split("x"))
+        r = bench_peer(a.peer_only, a.batch_size, a.peer_size, text_dim, tokens, a.peer_precision)
+        print(json.dumps(r))
+        return r
     b = imagen.backend(a.dtype, a.attention)
     if a.efficient_vs_plain:
         if a.width_div not in (1, 2, 4, 8, 16):

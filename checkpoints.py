@@ -19,9 +19,8 @@ from flax import nnx
 import imagen
 from cli import UserError
 
-# orbax writes a replicated array as one slice per replica, in parallel; on the small arrays of a
-# train state that is one dispatch per slice (5,400 for the demo state on 8 devices, 1-12 s per
-# save): only arrays of at least 1 MiB per replica are split
+# orbax writes a replicated array as one slice per replica, in parallel: one dispatch per slice,
+# slow on a train state's many small arrays; only arrays of at least 1 MiB per replica are split
 logging.getLogger("absl").setLevel(logging.ERROR)  # not its note that a handler is replaced
 ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=2 ** 20), override=True)
@@ -43,6 +42,8 @@ def restore_newest(mngr, restore, set_aside: bool = False):
     for step in steps:
         try:
             return step, restore(step)
+        except UserError:  # readable, but refused (another configuration): nothing is set aside
+            raise
         except Exception as e:  # any damage to the files: orbax and tensorstore raise many kinds
             note = ""
             if set_aside:

@@ -25,6 +25,10 @@ class UserError(ValueError):
     """A fault the user can fix; the message says what it is and what to do."""
 
 
+class Stopped(Exception):
+    """A run stopped on a signal after saving; the message says where (exit status 1)."""
+
+
 # Faults met in the files a user points at; anything else is a bug and keeps its traceback.
 KNOWN_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
@@ -70,6 +74,8 @@ def run(main, argv=None):
         return main(sys.argv[1:] if argv is None else argv)
     except KNOWN_ERRORS as e:
         sys.exit(f"error: {e}")
+    except Stopped as e:
+        sys.exit(str(e))
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

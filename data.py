@@ -1,5 +1,5 @@
-"""Training data for the three stages on Grain: random-access sources, per-host streams, decode
-workers, and the offline text-embedding cache.
+"""Training data for the three stages on Grain: random-access sources, per-host streams and
+decode workers (the offline text-embedding cache is text_cache.py's).
 
 Saharia et al. 2022, §4.1 trains on ~860M image-text pairs (internal data + LAION-400M); the
 super-resolution models get their low-resolution input by down-sampling, and the 256->1024
@@ -25,7 +25,6 @@ readable example in index order and counted, so every batch is full and determin
 import argparse
 import collections
 import dataclasses
-import functools
 import glob
 import hashlib
 import io
@@ -39,14 +38,12 @@ from concurrent.futures import ProcessPoolExecutor
 
 import grain
 from absl import flags  # comes with grain
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 import cli
 import imagen
 import shapes
-import t5_encoder
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 MAX_OPEN_SHARDS = 64  # per process: open files are bounded
@@ -70,7 +67,7 @@ class ShapesSource:
     def caption(self, i):
         return shapes.make_example(self.seed, i)[1]
 
-    def captions(self):
+    def caption_set(self):
         """Every caption it can draw (the grammar's, held-out ones excluded): a small finite set,
         so the text encoder runs on each once (text_cache.CaptionTable), not once per example."""
         return shapes.training_captions()
@@ -110,6 +107,9 @@ class FolderSource:
             return img, self.caption(i, errors="strict")
         except DECODE_ERRORS:
             return None, None
+
+    def caption_set(self):
+        return None  # open-ended: each example's caption is encoded when it is drawn
 
     def fingerprint(self):
         return hashlib.sha256("\0".join(p for p, _ in self.items).encode()).hexdigest()
@@ -159,7 +159,7 @@ def index_shards(tars, index_dir=None, workers=None):
     try:
         os.makedirs(index_dir, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"cannot write the shard index to {index_dir} ({e}): pass --index-dir "
+        raise cli.UserError(f"cannot write the shard index to {index_dir} ({e}): pass --index-dir "
                          f"a writable directory") from None
     summary_path = os.path.join(index_dir, "summary.json")
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
@@ -236,6 +236,9 @@ class TarSource:
             return to_rgb(Image.open(io.BytesIO(img))), txt.decode("utf-8").strip()
         except DECODE_ERRORS:
             return None, None
+
+    def caption_set(self):
+        return None  # open-ended: each example's caption is encoded when it is drawn
 
     def fingerprint(self):
         summary = json.load(open(os.path.join(self.index_dir, "summary.json")))
@@ -381,28 +384,6 @@ def host_stream(source, stage, batch: int, position: int, seed: int, process_ind
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=batch))
     return iter(it.batch(batch, batch_fn=_stack))
-
-
-def host_batch(source, stage, batch, position, seed, process_index=0, process_count=1):
-    """One batch of host_stream -> (images, lowres or None, captions, example indices, the
-    position after it, images replaced as unreadable)."""
-    b = next(host_stream(source, stage, batch, position, seed, process_index, process_count, prefetch=False))
-    return b["image"], b.get("lowres"), b["caption"], b["index"], position + batch, int(b["skipped"].sum())
-
-
-def load_text_encoder(name: str, dtype=jnp.float32):
-    """The text encoder a stage config names -> (encoder, tokenizer) (t5_encoder.load_text_encoder:
-    a checkpoint directory, a name in encoders/, random:NAME, whitened:NAME); whitened:NAME's
-    whitening is fitted on the demo dataset's training captions (the shapes grammar's, held-out
-    ones excluded). The last one loaded is kept: the demo's three stages and its evaluation
-    share one load (frozen, so nothing changes it)."""
-    return _load_text_encoder(name, jnp.dtype(dtype))
-
-
-@functools.lru_cache(maxsize=1)
-def _load_text_encoder(name, dtype):
-    texts = shapes.training_captions() if name.startswith(t5_encoder.WHITENED_PREFIX) else None
-    return t5_encoder.load_text_encoder(name, dtype, whitening_texts=texts)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,15 +6,16 @@ The "demo" preset of imagen.PRESETS: a base U-Net and two Efficient U-Net super-
 stages (32 -> 64 -> 128) with the paper's structure (classifier-free guidance training,
 noise-conditioning augmentation, static and dynamic thresholding), trained by train.py on the
 synthetic captioned shapes of shapes.py and conditioned on a small frozen T5 v1.1 encoder that
-pretrain_t5.py pretrained on text only (§2.1; encoders/, loaded by t5_encoder.load_t5 as a
-real T5 checkpoint), its output whitened on the training captions. Where the demo departs from the paper
+pretrain_t5.py pretrained on text only (§2.1; encoders/, loaded by text_encoders.py as a
+real T5 checkpoint), its output whitened on the training captions. The base's network is
+demo_unet.py's. Where the demo departs from the paper
 (v-prediction, static thresholding, ...) imagen.py and train.py mark it and link the evidence
 in docs/demo_experiments.md. Then it writes WORKDIR/report.md:
   - colour / count / position accuracy on held-out captions and new seeds, through the full
     cascade at sample.py's default settings, with the detector's score on real images as the
-    ceiling (the skills of DrawBench, §4.4);
+    ceiling (the skills of DrawBench, §3 and App. C);
   - a guidance sweep, alignment vs a fidelity proxy, like the paper's Pareto curves (Fig. 4);
-  - none / static / dynamic thresholding at a high guidance weight side by side (Fig. A.10);
+  - none / static / dynamic thresholding at a high guidance weight side by side (Fig. A.9);
   - prompts outside the caption grammar (other words for the relations, digits, colour
     synonyms), scored by the same detector as the grammar captions they mean.
 
@@ -38,10 +39,9 @@ from tqdm import tqdm
 
 import checkpoints
 import cli as command_line
-import data
 import imagen
 import shapes
-import t5_encoder
+import text_encoders
 import train
 from evaluate import plot_curve
 from sample import grid
@@ -176,23 +176,33 @@ class Progress:
             self.bar.update(done)
         self.bar.set_description_str(f"demo {self.label}, {status}")
 
+    def on_train_step(self, info):
+        """train.train's callback."""
+        self.advance(info["new_steps"], f"{info['stage']} step {info['step']}/{info['steps']}", skipped=info["resumed"])
+
+    def on_batch(self, info):
+        """imagen.generate's callback."""
+        self.advance(1, f"sampling batch {info['batch']}/{info['batches']}")
+
     def close(self):
         self.bar.close()
 
 
-def evaluate(workdir, sampling, n_eval=N_EVAL, n_sweep=32, batch_size=32, seed=0, progress=True):
-    """Sample the trained cascade (sampling: SampleSettings by stage name); -> the numbers."""
+def evaluate(workdir, sampling, n_eval=N_EVAL, n_sweep=32, batch_size=32, seed=0, progress=None):
+    """Sample the trained cascade (sampling: SampleSettings by stage name); -> the numbers.
+    progress: the demo's Progress line (else a bar per sampling call)."""
     batch_size = min(batch_size, n_eval)
     stages = checkpoints.load_cascade(workdir, 3)
-    enc, tok = data.load_text_encoder(stages[0].config.text_encoder)
+    enc, tok = text_encoders.load_text_encoder(stages[0].config.text_encoder)
     settings = [sampling[s.config.name] for s in stages]
     final = stages[-1].config.side
     t = time.time()
     examples = heldout_examples(n_eval, final)
     captions = [c for _, c, _, _ in examples]
-    start = getattr(progress, "start", lambda part, label: None)  # a demo.Progress, or True / False
+    start = progress.start if progress else lambda part, label: None
+    shown = {"callback": progress.on_batch} if progress else {"progress": True}
     start("cascade", "evaluation")
-    samples = imagen.generate(stages, enc, tok, captions, settings, seed, batch_size, progress=progress)
+    samples = imagen.generate(stages, enc, tok, captions, settings, seed, batch_size, **shown)
     t_cascade = time.time() - t
     result = {"cascade": alignment(samples, captions),
               "ceiling": alignment([img for img, _, _, _ in examples], captions),
@@ -210,7 +220,7 @@ def evaluate(workdir, sampling, n_eval=N_EVAL, n_sweep=32, batch_size=32, seed=0
     for w in SWEEP:
         st = [dataclasses.replace(settings[0], guidance=w)]
         start("sweep", f"guidance sweep, w = {w:g}")
-        imgs = imagen.generate(base, enc, tok, captions[:n_sweep], st, seed, min(batch_size, n_sweep), progress=progress)
+        imgs = imagen.generate(base, enc, tok, captions[:n_sweep], st, seed, min(batch_size, n_sweep), **shown)
         acc = alignment(imgs, captions[:n_sweep])
         mean_acc = float(np.nanmean([v for v, _ in acc.values()]))
         sweep.append({"w": w, "alignment": mean_acc, "purity": purity(imgs), **{k: v for k, (v, _) in acc.items()}})
@@ -219,12 +229,12 @@ def evaluate(workdir, sampling, n_eval=N_EVAL, n_sweep=32, batch_size=32, seed=0
                "alignment (mean accuracy)")
     result["sweep"] = sweep
 
-    # thresholding at a high guidance weight, Fig. A.10
+    # thresholding at a high guidance weight, Fig. A.9
     rows, thresh = [], {}
     for mode in ("none", "static", "dynamic"):
         st = [dataclasses.replace(settings[0], guidance=10.0, threshold=mode)]
         start("thresholding", f"thresholding, {mode}")
-        imgs = imagen.generate(base, enc, tok, captions[:8], st, seed, 8, progress=progress)
+        imgs = imagen.generate(base, enc, tok, captions[:8], st, seed, 8, **shown)
         rows.append(imgs)
         thresh[mode] = {"purity": purity(imgs), "mean_abs_saturation": float(np.mean((imgs == 0) | (imgs == 255)))}
     grid(np.concatenate(rows), cols=8).save(os.path.join(workdir, "thresholding.png"))
@@ -233,7 +243,7 @@ def evaluate(workdir, sampling, n_eval=N_EVAL, n_sweep=32, batch_size=32, seed=0
     # prompts outside the grammar, through the cascade, scored as the captions they mean
     pairs = [(g, p, c) for g, group in NEW_LANGUAGE.items() for p, c in group] * NEW_LANGUAGE_SEEDS
     start("language", "prompts outside the grammar")
-    imgs = imagen.generate(stages, enc, tok, [p for _, p, _ in pairs], settings, seed + 1, batch_size, progress=progress)
+    imgs = imagen.generate(stages, enc, tok, [p for _, p, _ in pairs], settings, seed + 1, batch_size, **shown)
     result["new_language"] = {g: alignment([i for i, (gg, _, _) in zip(imgs, pairs) if gg == g],
                                            [c for gg, _, c in pairs if gg == g]) for g in NEW_LANGUAGE}
     n = len(pairs) // NEW_LANGUAGE_SEEDS
@@ -244,8 +254,8 @@ def evaluate(workdir, sampling, n_eval=N_EVAL, n_sweep=32, batch_size=32, seed=0
 
 
 def encoder_note(name):
-    base = name.removeprefix(t5_encoder.WHITENED_PREFIX)
-    note = ("T5 v1.1 architecture at T5's random initialisation, frozen" if base.startswith(t5_encoder.RANDOM_PREFIX)
+    base = name.removeprefix(text_encoders.WHITENED_PREFIX)
+    note = ("T5 v1.1 architecture at T5's random initialisation, frozen" if base.startswith(text_encoders.RANDOM_PREFIX)
             else "T5 v1.1 pretrained on text only by pretrain_t5.py, frozen")
     return note + (", its output whitened on the training captions" if base != name else "")
 
@@ -288,7 +298,7 @@ def write_report(workdir, result, settings, stages, train_seconds):
         lines.append(f"| {s['w']:g} | {s['alignment']:.3f} | {s['colour']:.2f} | {s['count']:.2f} | "
                      f"{s['position']:.2f} | {s['purity']:.3f} |")
     lines += ["", "![guidance sweep](guidance_sweep.png)", "",
-              "## Thresholding at w = 10 (base stage), like Fig. A.10", "",
+              "## Thresholding at w = 10 (base stage), like Fig. A.9", "",
               "Rows: none, static, dynamic (p = 99.5).", "", "![thresholding](thresholding.png)", "",
               "| thresholding | purity | fraction of saturated (0 or 255) values |", "| --- | --- | --- |"]
     for mode, v in result["thresholding"].items():
@@ -350,8 +360,8 @@ def with_text_encoder(stage_configs, name):
     """The stages conditioned on another text encoder: its name, its width as the U-Nets'
     text_dim, and as text length the longest caption or NEW_LANGUAGE prompt in its tokens,
     rounded up to 8 (t5-wordnet-small: 11 -> 16)."""
-    width = t5_encoder.abstract_encoder(name).cfg.d_model
-    _, tokenizer = data.load_text_encoder(name)
+    width = text_encoders.abstract_encoder(name).cfg.d_model
+    _, tokenizer = text_encoders.load_text_encoder(name)
     texts = shapes.all_captions() + [p for group in NEW_LANGUAGE.values() for p, _ in group]
     length = -(-max(map(len, tokenizer(texts)["input_ids"])) // 8) * 8
     return {k: dataclasses.replace(c, text_encoder=name, text_length=length,
@@ -385,7 +395,8 @@ def main(workdir="runs/demo", stage_configs=None, tcfgs=None, sampling=None, n_e
                 before = json.load(f)
         steps = tcfgs[name].steps
         train.train(stage_configs[name], tcfgs[name], os.path.join(workdir, name),
-                    log_every=max(1, min(50, steps // 10)), save_every=max(100, steps // 3), progress=progress,
+                    log_every=max(1, min(50, steps // 10)), save_every=max(100, steps // 3), progress=False,
+                    callback=progress.on_train_step,
                     **WATCH[name](steps))
         train_seconds[name] = before + time.time() - t
         with open(seconds_file, "w") as f:

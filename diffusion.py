@@ -288,14 +288,14 @@ def initial_carry(key, shape):
     return jax.random.normal(jax.random.split(key, 3)[0], shape, jnp.float32), jnp.zeros(shape, jnp.float32)
 
 
-def sample(eps_fn, key, shape, txt_BLD, mask_BL, log_snr_fn, steps, w=1.0, sampler="ddpm",
+def sample(eps_fn, key, shape, txt_BLD, mask_BL, log_snr_fn, *, steps, guided=False, w=1.0, sampler="ddpm",
            gamma=0.0, threshold="dynamic", p=99.5, lowres_BHWC=None, aug_level=0.0, prediction="eps",
            span=None, carry=None):
     """Draw x ~ p(x | c) with `steps` uniformly spaced times from t = 1 to t = 0 (App. A).
 
-    Every step: one network call (with guidance, the conditional and unconditional passes are
-    batched into a single call of 2B examples; with w = 1 exactly there is only the
-    conditional pass), eps~ = guide(...) (§2.2), x0_hat from eps~, thresholding of x0_hat
+    Every step: one network call (guided: classifier-free guidance at weight w, the conditional
+    and unconditional passes batched into a single call of 2B examples, eps~ = guide(...), §2.2;
+    not guided: the conditional pass alone, w unused), x0_hat from eps~, thresholding of x0_hat
     (§2.3), then a DDIM or ancestral step (App. A). The loop is a lax.fori_loop: under jax.jit
     there is no host round trip per step. Returns the last x0_hat, (B, H, W, C) float32.
 
@@ -319,7 +319,6 @@ def sample(eps_fn, key, shape, txt_BLD, mask_BL, log_snr_fn, steps, w=1.0, sampl
             lowres_BHWC, jnp.full((B,), aug_level, jnp.float32),
             jax.random.normal(k_aug, lowres_BHWC.shape, jnp.float32), log_snr_fn, shape[1])
 
-    guided = not (isinstance(w, (int, float)) and w == 1.0)
     if guided:  # one network call on [cond; uncond]
         null_emb, null_mask = drop_text(txt_BLD, mask_BL, jnp.ones((B,), bool))
         txt_2BLD = jnp.concatenate([txt_BLD, null_emb])

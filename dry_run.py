@@ -1,20 +1,24 @@
-"""--dry-run of train.py: compile a stage's train step on abstract shapes, allocating nothing,
+"""A dry run of train.py: compile a stage's train step on abstract shapes, allocating nothing,
 and report what it costs: parameters, FLOPs per step and per image, bytes per device, and the
-step time and days for §4.1's 2.5M steps at a given fraction of TPU-v4's peak.
+step time and days for §4.1's 2.5M steps at a given fraction of TPU-v4's peak. It takes
+train.py's arguments.
 
 Saharia et al. 2022, §4.1: batch 2048, 2.5M steps, the base model on 256 TPU-v4 chips and each
 super-resolution model on 128.
 
-  python train.py --preset paper --stage base --dry-run --devices 256 --mesh data=16,fsdp=16
+  python dry_run.py --preset paper --stage base --devices 256 --mesh data=16,fsdp=16 --dtype bfloat16
 """
 
+import os
 import time
 
 import jax
 
+import cli
+
 import sharding
-import t5_encoder
-from text_cache import text_spec
+from text_cache import encoder_spec
+import text_encoders
 import train
 
 TPU_V4_BF16 = 275e12  # FLOP/s per chip, bf16 (§4.1 trains on TPU-v4)
@@ -30,9 +34,9 @@ def dry_run(stage, tcfg, grad_accum, seed, mesh=None, mfu=0.5, text_cache=True):
     args = [state, train.batch_shapes(stage, tcfg.batch_size, stage.text_length, tokens=not text_cache)]
     text, text_row = None, "offline embedding cache (the batch holds the embeddings)"
     if not text_cache:
-        text = text_spec(t5_encoder.abstract_encoder(stage.text_encoder, stage.unet.dtype))
-        args.append(text[1].unflatten(text[2]))
-        text_row = (f"{stage.text_encoder} inside the step, {sum(x.size for x in text[2]) / 1e9:.3f}B, "
+        text = encoder_spec(text_encoders.abstract_encoder(stage.text_encoder, stage.unet.dtype))
+        args.append(text.abstract_weights())
+        text_row = (f"{stage.text_encoder} inside the step, {sum(x.size for x in text.leaves) / 1e9:.3f}B, "
                     f"{sharding.bytes_per_device(mesh, args[2]) / 2**30:.2f} GiB per device")
     compiled = train.compile_step(stage, tcfg, mesh, grad_accum, seed, text).lower(*args).compile()
     flops_dev = float(compiled.cost_analysis()["flops"])  # of one device's partition
@@ -60,3 +64,25 @@ def dry_run(stage, tcfg, grad_accum, seed, mesh=None, mfu=0.5, text_cache=True):
     for k, v in rows:
         print(f"{k:28s} {v}")
     return dict(rows)
+
+
+def main(argv=None):
+    def run(argv):
+        p = train.arg_parser(__doc__)
+        p.add_argument("--devices", type=cli.positive_int, default=None, help="emulate N CPU devices")
+        p.add_argument("--mfu", type=cli.unit_float, default=0.5, help="the fraction of TPU-v4's peak to time at")
+        args = p.parse_args(argv)
+        if args.stage is None:
+            p.error("add --stage base|sr1|sr2")
+        if args.devices:  # before JAX starts its backend
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                       f" --xla_force_host_platform_device_count={args.devices}")
+            jax.config.update("jax_platforms", "cpu")
+        stage, tcfg = train.stage_and_config(args)
+        return dry_run(stage, tcfg, args.grad_accum, args.seed, sharding.make_mesh(**args.mesh), args.mfu,
+                       text_cache=bool(args.text_cache))
+    return cli.run(run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -88,7 +88,10 @@ class DBlock(nnx.Module):
 
 class UBlock(nnx.Module):
     """App. B.1, Fig. A.29: [x, skip] -> ResNetBlocks -> attention -> conv3x3 with the block's
-    stride, up-sampling last (paper: not specified which op; nearest 2x, then the conv3x3)."""
+    stride, up-sampling last (paper: not specified which op; nearest 2x, then the conv3x3).
+    Fig. A.29's last conv keeps the block's width ("channels=channels"); paper: not specified
+    where the width then changes to the next UBlock's; here that conv maps C[k] -> C[k-1]
+    (imagen-pytorch's reading), so the next UBlock's skip and input share a width."""
 
     def __init__(self, i, o, n, self_attn, cross_attn, emb_dim, cfg, rngs, stride):
         first_in = 2 * i if cfg.skip_combine == "concat" else i

@@ -39,10 +39,10 @@ from tqdm import tqdm
 
 import checkpoints
 import cli
-import data
 import imagen
 import metrics
 import sample
+import text_encoders
 
 MAX_FID_SIDE = 256  # Table 1's side; the paper reports no FID of 1024x1024 samples
 TABLE_1_FID = 7.27  # Table 1: Imagen's zero-shot FID-30K on COCO, 256x256
@@ -269,7 +269,7 @@ def run(a):
     clip = metrics.load_clip(a.clip) if a.clip else None
     extractor = None if a.drawbench else metrics.load_inception(a.inception, a.other_inception)
     stages = checkpoints.load_cascade(a.workdir, n_stages)
-    text = data.load_text_encoder(stages[0].config.text_encoder)
+    text = text_encoders.load_text_encoder(stages[0].config.text_encoder)
     os.makedirs(out, exist_ok=True)
     if a.drawbench:
         return drawbench(a, out, stages, text, clip)

@@ -33,10 +33,10 @@ import numpy as np
 
 import checkpoints
 import cli
-import data
 import demo
 import imagen
 import monitor
+import text_encoders
 import train
 from unet import UNetConfig
 
@@ -206,7 +206,7 @@ def run(name, workdir="runs/findings", seeds=(0, 1), updates=None, n_eval=64, sw
         stage, tcfg, rows = arm.stage(stage0), arm.train(tcfg0), []
         for seed in seeds:
             t_arm = time.time()
-            enc, tok = data.load_text_encoder(stage.text_encoder)
+            enc, tok = text_encoders.load_text_encoder(stage.text_encoder)
             if finding.stage != "base" and seed not in lowres:
                 base_dir = _train(stages["base"], base_tcfg, workdir, seed, progress)
                 lowres[seed] = imagen.generate([checkpoints.load_stage(base_dir)], enc, tok, captions,

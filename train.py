@@ -18,7 +18,7 @@ hosts or micro-batches, and a resumed run repeats an uninterrupted one.
 
   python train.py --stage base --workdir runs/demo/base          # one demo stage (demo.py: all)
   python train.py --preset paper --stage base --data /laion --text-encoder ckpt/t5-v1_1-xxl
-  python train.py --preset paper --stage base --dry-run --devices 256   # check §4.1's setup
+  python dry_run.py --preset paper --stage base --devices 256   # check §4.1's setup, allocating nothing
 """
 
 import argparse
@@ -187,7 +187,7 @@ def batch_shapes(stage, batch, text_len, tokens=False):
 
 def compile_step(stage, tcfg, mesh, grad_accum, seed, text=None):
     """The jitted step: state sharded by sharding.state_shardings, batch split over every
-    device, state donated; with text = text_spec(encoder), the encoder's weights (a third
+    device, state donated; with text = text_cache.encoder_spec(encoder), the encoder's weights (a third
     argument, sharded by the same rule) encode the batch's tokens inside it. Cached, so that a
     second train() of the same configuration (a resume, or more steps) reuses it."""
     return _compile_step(stage, dataclasses.replace(tcfg, steps=0), mesh, grad_accum, seed, text)  # steps: not in it
@@ -196,12 +196,12 @@ def compile_step(stage, tcfg, mesh, grad_accum, seed, text=None):
 @functools.lru_cache(maxsize=16)
 def _compile_step(stage, tcfg, mesh, grad_accum, seed, text):
     graphdef, shapes = abstract_state(stage, tcfg)
-    step = make_train_step(graphdef, stage, tcfg, grad_accum, seed, mesh, text and text[0])
+    step = make_train_step(graphdef, stage, tcfg, grad_accum, seed, mesh, text and text.graphdef)
     state_sh = sharding.state_shardings(mesh, shapes)
     batch_sh = {k: NamedSharding(mesh, BATCH) for k in batch_shapes(stage, 1, 1, tokens=text is not None)}
     in_sh = (state_sh, batch_sh)
     if text is not None:
-        in_sh += (sharding.state_shardings(mesh, text[1].unflatten(text[2])),)
+        in_sh += (sharding.state_shardings(mesh, text.abstract_weights()),)
     return jax.jit(step, in_shardings=in_sh, out_shardings=(state_sh, NamedSharding(mesh, P())),
                    donate_argnums=0)
 
@@ -224,13 +224,13 @@ def check_config(old, meta, workdir):
     try:  # read back through stage_from_dict: a field added since the checkpoint takes its default
         old = dict(old, stage=imagen.config_dict(imagen.stage_from_dict(old["stage"])))
     except ValueError as e:
-        raise SystemExit(f"{workdir}: {e}") from None
+        raise cli.UserError(f"{workdir}: {e}") from None
     theirs, ours = (flat({k: d[k] for k in ("stage", "train", "seed", "data")} | {"hosts": len(d["position"])})
                     for d in (old, meta))
     diff = [f"{k}: checkpoint {theirs.get(k)!r}, now {ours.get(k)!r}" for k in sorted(theirs | ours)
             if theirs.get(k) != ours.get(k) and k != "train.steps"]
     if diff:
-        raise SystemExit(f"{workdir} holds a checkpoint of another configuration:\n  " + "\n  ".join(diff) +
+        raise cli.UserError(f"{workdir} holds a checkpoint of another configuration:\n  " + "\n  ".join(diff) +
                          "\nUse another --workdir, or the same settings as before (only --steps may change).")
 
 
@@ -240,12 +240,11 @@ def global_batch(stream, stage, text, mesh):
     row were unreadable and replaced))."""
     b = next(stream)
     local_B = len(b["image"])
-    tokenizer, cache = text[:2]
-    if cache is not None:  # a text_cache.TextCache or CaptionTable
-        emb, mask = cache.embeddings(b)
+    if text.embeddings is not None:  # a text_cache.TextCache or CaptionTable
+        emb, mask = text.embeddings.embeddings(b)
         local = {"text_emb": emb[:, :stage.text_length], "text_mask": mask[:, :stage.text_length]}
     else:  # encoded inside the step
-        local = dict(zip(("tokens", "text_mask"), t5_encoder.tokenize(tokenizer, b["caption"], stage.text_length)))
+        local = dict(zip(("tokens", "text_mask"), t5_encoder.tokenize(text.tokenizer, b["caption"], stage.text_length)))
     proc = jax.process_index()
     local.update(image=b["image"], row=np.arange(proc * local_B, (proc + 1) * local_B, dtype=np.int32))
     if stage.lowres_side:
@@ -301,7 +300,7 @@ def checked_losses(pending, step, last_saved, workdir):
     losses = np.asarray(jax.device_get(pending), np.float64)
     if not np.all(np.isfinite(losses)):
         first = int(np.argmin(np.isfinite(losses)))
-        raise SystemExit(f"loss (or gradient) is {losses[first]} at step {step - len(losses) + first + 1}: stopping. "
+        raise cli.UserError(f"loss (or gradient) is {losses[first]} at step {step - len(losses) + first + 1}: stopping. "
                          f"Nothing after step {last_saved} was saved; the last good checkpoint in "
                          f"{workdir}/checkpoints is kept. Lower the learning rate or check the data.")
     return losses
@@ -313,7 +312,7 @@ def all_positions(position):
 
 
 def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_cache=None,
-          grad_accum=1, seed=0, log_every=10, save_every=1000, progress=True, mesh=None,
+          grad_accum=1, seed=0, log_every=10, save_every=1000, progress=True, callback=None, mesh=None,
           data_workers=0, index_dir=None, eval_every=0, sample_every=0, heldout=None, heldout_data=None):
     """Train `stage` up to tcfg.steps updates in total (resuming from workdir); -> the state.
     mesh: a sharding.make_mesh() mesh (default: every device on 'data'); data_workers: decode
@@ -322,12 +321,14 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
     level, every sample_every steps a grid of samples with fixed noise (WORKDIR/samples), both
     with the training scalars in metrics.jsonl and TensorBoard (WORKDIR/tensorboard). The
     held-out set: heldout_data (a dataset like data_spec), the shapes dataset's held-out captions,
-    or a batch given as `heldout` (monitor.heldout_set)."""
+    or a batch given as `heldout` (monitor.heldout_set). progress: a tqdm bar of the steps;
+    callback: called once at the start with the steps done before (resumed) and after each step,
+    with {"stage", "step", "steps", "new_steps", "resumed"}."""
     stage = dataclasses.replace(stage, text_encoder=text_encoder or stage.text_encoder)
     B = tcfg.batch_size
     mesh = mesh or sharding.make_mesh()
     if B % (grad_accum * mesh.size) or B % jax.process_count():
-        raise SystemExit(f"--batch-size {B} must divide by --grad-accum x devices = {grad_accum} x {mesh.size}")
+        raise cli.UserError(f"--batch-size {B} must divide by --grad-accum x devices = {grad_accum} x {mesh.size}")
     # set-up: the data, the text encoder (a fault in either leaves no workdir behind)
     source = data.open_source(data_spec, seed, index_dir)
     text = open_text(stage, text_cache, source, mesh)
@@ -341,8 +342,8 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
             print(f"{workdir} is already at step {start}: nothing to do for --steps {tcfg.steps} "
                   f"(give more --steps to train on)")
             return state
-        step_fn = compile_step(stage, tcfg, mesh, grad_accum, seed, text[2])
-        text_args = () if text[3] is None else (text[3],)
+        step_fn = compile_step(stage, tcfg, mesh, grad_accum, seed, text.spec)
+        text_args = () if text.weights is None else (text.weights,)
         _, lr_fn = make_optimizer(tcfg)
         local_B = B // jax.process_count()
         stream = data.host_stream(source, stage, local_B, position, seed, jax.process_index(), jax.process_count(),
@@ -360,13 +361,9 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
         step_tflop = 3 * B * imagen.forward_flops(stage, compile=False) / 1e12  # forward + backward, the U-Net's
         train_seconds = monitor.train_seconds(workdir, start)
         pending, skipped, t_log = [], 0, time.time()
-        if hasattr(progress, "advance"):  # a bar of a longer job (demo.Progress): it counts this stage's steps
-            bar, own_bar = progress, False
-            advance = lambda: progress.advance(1, f"{stage.name} step {step}/{tcfg.steps}")  # noqa: E731
-            progress.advance(start, f"{stage.name} step {start}/{tcfg.steps}", skipped=True)
-        else:
-            bar = tqdm(total=tcfg.steps, initial=start, desc=f"train {stage.name}", unit="step", disable=not progress)
-            advance, own_bar = lambda: bar.update(1), True
+        bar = tqdm(total=tcfg.steps, initial=start, desc=f"train {stage.name}", unit="step", disable=not progress)
+        tell = callback or (lambda info: None)
+        tell({"stage": stage.name, "step": start, "steps": tcfg.steps, "new_steps": start, "resumed": True})
 
         def log(rec, images=None):
             if jax.process_index() == 0:
@@ -374,7 +371,7 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
                     f.write(json.dumps(rec) + "\n")
             monitor.write(writer, rec, images)
 
-        with cli.StopSignals() as stop, (bar if own_bar else contextlib.nullcontext()), contextlib.closing(stream), \
+        with cli.StopSignals() as stop, bar, contextlib.closing(stream), \
                 (writer or contextlib.nullcontext()):
             for step in range(start + 1, tcfg.steps + 1):
                 # one update on the next batch; the position moves on only once the step is done
@@ -382,7 +379,8 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
                 state, out = step_fn(state, batch, *text_args)
                 position, skipped = position + local_B, skipped + note_skipped(workdir, source, *bad)
                 pending.append(out)
-                advance()
+                bar.update(1)
+                tell({"stage": stage.name, "step": step, "steps": tcfg.steps, "new_steps": 1, "resumed": False})
                 stopping = stop.agreed(at_log_step=step % log_every == 0)
                 # log every log_every steps (and check the losses are finite)
                 if step % log_every == 0 or step == tcfg.steps or stopping:
@@ -396,7 +394,7 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
                     if peak:
                         rec["mfu"] = rec["tflops"] / peak
                     log(rec)
-                    if own_bar:
+                    if progress:
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.1f}")
                     pending, t_log = [], time.time()
                 # the held-out loss and the samples (their time is not training time)
@@ -420,7 +418,7 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
                     checkpoints.save_checkpoint(mngr, state, dict(meta, position=all_positions(position)))
                     last_saved = step
                 if stopping:
-                    raise SystemExit(f"{stop.requested or 'a signal to another host'}: stopped after step {step}; "
+                    raise cli.Stopped(f"{stop.requested or 'a signal to another host'}: stopped after step {step}; "
                                      f"checkpoint saved in {workdir}. Run the same command again to resume.")
         if skipped:
             print(f"{skipped} unreadable examples were replaced by the next readable ones "
@@ -428,8 +426,9 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
         return state
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arg_parser(description=__doc__):
+    """train.py's arguments (dry_run.py adds its own to them)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(imagen.PRESETS), default="demo")
     p.add_argument("--stage", choices=list(imagen.STAGE_NAMES), default=None, help="the stage to train")
     p.add_argument("--workdir", default=None, help="default runs/<preset>/<stage>")
@@ -457,14 +456,21 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype (default: bfloat16 on accelerators, float32 on CPU)")
     p.add_argument("--remat", action="store_true", help="rematerialise residual blocks (memory)")
-    p.add_argument("--dry-run", action="store_true", help="compile on abstract shapes, print costs")
-    p.add_argument("--devices", type=cli.positive_int, default=None, help="with --dry-run: emulate N CPU devices")
     p.add_argument("--mesh", type=sharding.parse_mesh, default="data=-1,fsdp=1",
                    help="data=D,fsdp=F: the batch splits over D x F devices, the train state over F (FSDP)")
     p.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0")
     p.add_argument("--num-processes", type=cli.positive_int, default=1)
     p.add_argument("--process-id", type=cli.nonnegative_int, default=0)
-    return p.parse_args(argv)
+    return p
+
+
+def stage_and_config(args):
+    """The stage config and TrainConfig the arguments name."""
+    stage = imagen.with_backend(imagen.PRESETS[args.preset][args.stage], imagen.backend(args.dtype), args.remat)
+    stage = dataclasses.replace(stage, text_encoder=args.text_encoder or stage.text_encoder)
+    tcfg = TRAIN_PRESETS[args.preset][args.stage]
+    return stage, dataclasses.replace(tcfg, **{k: v for k, v in (("batch_size", args.batch_size), ("steps", args.steps))
+                                               if v is not None})
 
 
 def main(argv=None):
@@ -472,26 +478,15 @@ def main(argv=None):
 
 
 def _main(argv):
-    args = parse_args(argv)
+    args = arg_parser().parse_args(argv)
     if args.stage is None:
         raise SystemExit("train.py trains one stage: add --stage base|sr1|sr2. The demo cascade "
                          "(all three stages, then a report) is `python demo.py`.")
-    if args.devices:  # must happen before JAX starts its backend
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.devices}")
-        jax.config.update("jax_platforms", "cpu")
     if args.coordinator:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    stage = imagen.with_backend(imagen.PRESETS[args.preset][args.stage], imagen.backend(args.dtype), args.remat)
-    tcfg = TRAIN_PRESETS[args.preset][args.stage]
-    tcfg = dataclasses.replace(tcfg, **{k: v for k, v in (("batch_size", args.batch_size), ("steps", args.steps))
-                                        if v is not None})
+    stage, tcfg = stage_and_config(args)
     mesh = sharding.make_mesh(**args.mesh)
-    if args.dry_run:
-        stage = dataclasses.replace(stage, text_encoder=args.text_encoder or stage.text_encoder)
-        import dry_run  # noqa: PLC0415 (it imports this module)
-        return dry_run.dry_run(stage, tcfg, args.grad_accum, args.seed, mesh, text_cache=bool(args.text_cache))
     workdir = args.workdir or os.path.join("runs", args.preset, args.stage)  # sample.py reads runs/<preset>
     train(stage, tcfg, workdir, data_spec=args.data, text_encoder=args.text_encoder, text_cache=args.text_cache,
           grad_accum=args.grad_accum, seed=args.seed, log_every=args.log_every, save_every=args.save_every,

@@ -1,7 +1,8 @@
 """The denoising network of Imagen's base 64x64 stage, and the layers the Efficient U-Net shares.
 
-Saharia et al. 2022, §2.5 and App. F.1: the base model is "adapted from" ADM (Dhariwal &
-Nichol 2021): BigGAN-style residual blocks that also up/down-sample, scale-shift norm,
+Saharia et al. 2022, §2.5: the base network is adapted from the U-Net of Nichol & Dhariwal
+2021 (improved DDPM); App. F.1 lists it as ADM's (Dhariwal & Nichol 2021) with BigGAN-style
+residual blocks that also up/down-sample ("res_block_type": "biggan"), scale-shift norm,
 attention at 32, 16, 8 with the text tokens concatenated to its keys and values (App. D.3.1),
 and an attention-pooled text vector added to the time embedding (§2.5). The Efficient U-Net of
 the super-resolution stages (App. B.1) is in efficient_unet.py and uses the layers here.
@@ -53,8 +54,8 @@ class UNetConfig(NetworkConfig):
     channel_mult: tuple = (1, 2, 3, 4)  # F.1
     num_res_blocks: int = 3  # F.1
     attn_resolutions: tuple = (32, 16, 8)  # F.1: self-attention (+ text tokens) at these sides
-    # F.1: text tokens concatenated to the attention's keys and values at these sides; at a side
-    # without self-attention, a layer that attends to the text alone (not F.1's: the demo base)
+    # F.1: text tokens concatenated to the attention's keys and values at these sides (of those
+    # with self-attention; demo_unet.DemoUNet also attends to the text alone elsewhere)
     text_cross_attn_res: tuple = (32, 16, 8)
     per_head_channels: int = 64  # F.1
     # paper: not specified how many heads (F.1 gives per_head_channels only). 0: channels /
@@ -62,12 +63,6 @@ class UNetConfig(NetworkConfig):
     # n heads, n x per_head_channels wide at every level (NVIDIA Rosetta's imagen_base_2B.gin:
     # 8 heads of 64), the reading that gives the stated 2B (docs/parameter_counts.md)
     num_heads: int = 0
-    # demo only, not F.1's: patch_size p > 1 folds p x p pixels into channels around the network
-    # (space-to-depth); see docs/demo_experiments.md#the-faster-base
-    patch_size: int = 1
-    # F.1 "res_block_type": "biggan" (residual blocks resample); False: parameter-free 2x2
-    # average pool / nearest 2x between levels (demo only, the same link)
-    resblock_updown: bool = True
 
 
 def compute_dtype(cfg):
@@ -90,11 +85,11 @@ class GroupNorm(nnx.Module):
         return (xg.reshape(B, H, W, C) * self.scale[...] + self.bias[...]).astype(self.dtype)
 
 
-# LeCun-normal without truncation: the same variance as nnx's default, and plain normals
-# compile faster when a model's initialisers are jitted together. paper: not specified; no
-# zero-initialised output layers (ADM's zero_module): with Adafactor's relative step sizes
-# (optax's default multiply_by_parameter_scale, §4.1 base model) a zero parameter moves by only
-# lr x 1e-3 per step, which stalled training when tried.
+# paper: not specified how layers are initialised; LeCun-normal without truncation (nnx's
+# default variance; plain normals compile faster). No zero-initialised output layers (ADM's
+# zero_module): with Adafactor's relative step sizes (optax's default
+# multiply_by_parameter_scale, §4.1's base optimizer) a zero parameter moves by only lr x 1e-3
+# per step.
 _fan_in_normal = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")
 
 
@@ -183,30 +178,6 @@ def resample(x_BHWC, kind):
     if kind == "up":
         return jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2)
     return x_BHWC
-
-
-def space_to_depth(x_BHWC, p):
-    """(B, H, W, C) -> (B, H/p, W/p, p*p*C): each p x p patch becomes one position's channels."""
-    B, H, W, C = x_BHWC.shape
-    return (x_BHWC.reshape(B, H // p, p, W // p, p, C).transpose(0, 1, 3, 2, 4, 5)
-            .reshape(B, H // p, W // p, p * p * C))
-
-
-def depth_to_space(x_BHWC, p):
-    """The inverse of space_to_depth."""
-    B, H, W, C = x_BHWC.shape
-    return (x_BHWC.reshape(B, H, W, p, p, C // (p * p)).transpose(0, 1, 3, 2, 4, 5)
-            .reshape(B, H * p, W * p, C // (p * p)))
-
-
-class Resample(nnx.Module):
-    """Parameter-free resampling between levels (resblock_updown False), called like a ResBlock."""
-
-    def __init__(self, kind):
-        self.kind = kind
-
-    def __call__(self, x_BHWC, emb_BE):
-        return resample(x_BHWC, self.kind)
 
 
 class ResBlock(nnx.Module):
@@ -347,21 +318,11 @@ class UNet(nnx.Module):
         emb_dim = cfg.emb_mult * ch
         self.cond = Conditioning(ch, emb_dim, cfg, rngs)
         in_ch = cfg.in_channels * (2 if cfg.lowres_cond else 1)
-        p = cfg.patch_size
-        self.conv_in = conv(in_ch * p * p, ch, rngs, dt)
-
-        def attention(c, text, self_attn):
-            heads = cfg.num_heads or c // cfg.per_head_channels
-            return Attention(c, heads, text, self_attn, cfg, rngs, hidden=heads * cfg.per_head_channels)
-
-        def attn(c, res):
-            text = text_width(cfg) if cfg.text_cross_attn and res in cfg.text_cross_attn_res else 0
-            self_attn = res in cfg.attn_resolutions  # else, with text: attend to the text alone
-            return attention(c, text, self_attn) if self_attn or text else None
-
+        self.conv_in = conv(in_ch, ch, rngs, dt)
+        attn = lambda c, res: self.attention(c, res, rngs)
+        updown = lambda c, kind: self.resample_block(c, kind, emb_dim, rngs)
         # down path: (ResBlock, Attention | None) pairs, then a down-sampling ResBlock per level
-        updown = lambda c, kind: ResBlock(c, c, emb_dim, cfg, rngs, kind) if cfg.resblock_updown else Resample(kind)
-        self.down, skip_ch, c, res = nnx.List(), [ch], ch, side // p
+        self.down, skip_ch, c, res = nnx.List(), [ch], ch, side
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
                 self.down.append(nnx.List([ResBlock(c, mult * ch, emb_dim, cfg, rngs), attn(mult * ch, res)]))
@@ -372,7 +333,7 @@ class UNet(nnx.Module):
                 skip_ch.append(c)
                 res //= 2
         self.mid = nnx.List([ResBlock(c, c, emb_dim, cfg, rngs),
-                             attention(c, text_width(cfg) if cfg.text_cross_attn else 0, True),
+                             self.attention_layer(c, text_width(cfg) if cfg.text_cross_attn else 0, True, rngs),
                              ResBlock(c, c, emb_dim, cfg, rngs)])
         # up path: num_res_blocks + 1 ResBlocks per level on [h, skip], then an up-sampling one
         self.up = nnx.List()
@@ -385,14 +346,32 @@ class UNet(nnx.Module):
                     res *= 2
                 self.up.append(nnx.List(blocks))
         self.norm_out = GroupNorm(c, cfg.norm_groups, dt)
-        self.conv_out = conv(c, cfg.in_channels * p * p, rngs, dt)
+        self.conv_out = conv(c, cfg.in_channels, rngs, dt)
+
+    def attention_layer(self, c, text, self_attn, rngs):
+        cfg = self.cfg
+        heads = cfg.num_heads or c // cfg.per_head_channels
+        return Attention(c, heads, text, self_attn, cfg, rngs, hidden=heads * cfg.per_head_channels)
+
+    def attention(self, c, res, rngs):
+        """F.1: self-attention at attn_resolutions, the text tokens joining its keys and values
+        where text_cross_attn_res lists the side too; None elsewhere."""
+        cfg = self.cfg
+        if res not in cfg.attn_resolutions:
+            return None
+        text = text_width(cfg) if cfg.text_cross_attn and res in cfg.text_cross_attn_res else 0
+        return self.attention_layer(c, text, True, rngs)
+
+    def resample_block(self, c, kind, emb_dim, rngs):
+        """F.1 "res_block_type": "biggan": a residual block that down- or up-samples."""
+        return ResBlock(c, c, emb_dim, self.cfg, rngs, kind)
 
     def __call__(self, z_BHWC, log_snr_B, txt_BLD, mask_BL, lowres_BHWC=None, aug_log_snr_B=None):
         cfg = self.cfg
         check_inputs(cfg, z_BHWC, log_snr_B, txt_BLD, mask_BL, lowres_BHWC, aug_log_snr_B)
         emb_BE, txt_BLD = self.cond(log_snr_B, txt_BLD.astype(compute_dtype(cfg)), mask_BL, aug_log_snr_B)
         x = jnp.concatenate([z_BHWC, lowres_BHWC], -1) if cfg.lowres_cond else z_BHWC
-        h = self.conv_in(space_to_depth(x, cfg.patch_size).astype(compute_dtype(cfg)))  # (B, H/p, W/p, ch)
+        h = self.conv_in(x.astype(compute_dtype(cfg)))  # (B, H, W, ch)
         hs = [h]
         for res_block, attn in self.down:
             h = maybe_remat(cfg, res_block, h, emb_BE)
@@ -405,7 +384,7 @@ class UNet(nnx.Module):
             h = maybe_remat(cfg, res_block, jnp.concatenate([h, hs.pop()], -1), emb_BE)
             h = attn(h, txt_BLD, mask_BL) if attn is not None else h
             h = maybe_remat(cfg, upsample[0], h, emb_BE) if upsample else h
-        eps_BHWC = depth_to_space(self.conv_out(jax.nn.silu(self.norm_out(h))), cfg.patch_size)
+        eps_BHWC = self.conv_out(jax.nn.silu(self.norm_out(h)))
         assert eps_BHWC.shape == z_BHWC.shape
         return eps_BHWC.astype(jnp.float32)
 
