@@ -8,6 +8,7 @@ not its folder's: a copied folder); nothing saved is ever deleted but by orbax's
 
 import dataclasses
 import errno
+import json
 import logging
 import os
 import sys
@@ -17,6 +18,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import imagen
+import sharding
 from cli import UserError
 
 # orbax writes a replicated array as one slice per replica, in parallel: one dispatch per slice,
@@ -94,6 +96,67 @@ def restore_checkpoint(mngr, abstract_state: dict, step: int | None = None) -> d
                                                    ema=ocp.args.StandardRestore(abstract_state["ema"])))
     return {**r["train"], "ema": r["ema"]}
 
+
+# ---------------------------------------------------------------------------------------------
+# A training run's checkpoints: what they record; resuming from the newest
+# ---------------------------------------------------------------------------------------------
+
+def train_meta(stage, tcfg, seed, data_spec, positions):
+    """What a checkpoint records beside the state: what it is and how far each host has read."""
+    return {"stage": imagen.config_dict(stage), "train": dataclasses.asdict(tcfg), "seed": seed,
+            "data": data_spec, "position": positions}
+
+
+def check_config(old, meta, workdir):
+    """Refuse to resume a checkpoint made with another configuration (the stage, the training
+    settings but the step count, the seed, the data, the number of hosts), saying what differs."""
+    flat = lambda d, p="": {f"{p}{k}": v for k, v in d.items() if not isinstance(v, dict)} | {
+        kk: vv for k, v in d.items() if isinstance(v, dict) for kk, vv in flat(v, f"{p}{k}.").items()}
+    try:  # read back through stage_from_dict: a field added since the checkpoint takes its default
+        old = dict(old, stage=imagen.config_dict(imagen.stage_from_dict(old["stage"])))
+    except ValueError as e:
+        raise UserError(f"{workdir}: {e}") from None
+    theirs, ours = (flat({k: d[k] for k in ("stage", "train", "seed", "data")} | {"hosts": len(d["position"])})
+                    for d in (old, meta))
+    diff = [f"{k}: checkpoint {theirs.get(k)!r}, now {ours.get(k)!r}" for k in sorted(theirs | ours)
+            if theirs.get(k) != ours.get(k) and k != "train.steps"]
+    if diff:
+        raise UserError(f"{workdir} holds a checkpoint of another configuration:\n  " + "\n  ".join(diff) +
+                        "\nUse another --workdir, or the same settings as before (only --steps may change).")
+
+
+def restore_or_init(mngr, meta, shapes, init, mesh, workdir):
+    """The newest readable checkpoint's state (resharded onto this mesh, whatever mesh saved it)
+    and this host's data position, or init() (a new state) at 0. shapes: the state's
+    ShapeDtypeStructs; meta: train_meta of this run (another configuration is refused). One that
+    cannot be read is set aside (restore_newest) for the one before it."""
+    shardings = sharding.state_shardings(mesh, shapes)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+    def restore(step):
+        old = read_meta(mngr, step)
+        check_config(old, meta, workdir)  # another configuration is refused, not skipped
+        state = restore_checkpoint(mngr, abstract, step)
+        if int(state["step"]) != step:  # a copied or renamed folder: it would pin every resume
+            raise ValueError(f"its recorded step is {int(state['step'])}, not its folder's")
+        return old, state
+
+    found = restore_newest(mngr, restore, set_aside=jax.process_index() == 0)
+    if found is None:
+        return jax.device_put(init(), shardings), 0
+    _, (old, state) = found
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(metrics) and jax.process_index() == 0:  # drop what was logged after it
+        with open(metrics) as f:  # and a last line cut short by a kill
+            lines = [ln for ln in f if ln.endswith("\n") and json.loads(ln)["step"] <= int(state["step"])]
+        with open(metrics, "w") as f:
+            f.writelines(lines)
+    return state, old["position"][jax.process_index()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained stages, for sampling
+# ---------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class LoadedStage:

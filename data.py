@@ -3,8 +3,8 @@ decode workers (the offline text-embedding cache is text_cache.py's).
 
 Saharia et al. 2022, §4.1 trains on ~860M image-text pairs (internal data + LAION-400M); the
 super-resolution models get their low-resolution input by down-sampling, and the 256->1024
-model trains on 64->256 random crops of the 1024 images (§2.5). §2.1: the frozen encoder's
-embeddings "can be computed offline". Sources (random access: example i in O(1)):
+model trains on 64->256 random crops of the 1024 images (§2.5). The frozen encoder's
+embeddings are "computed and stored offline" (App. D.3): text_cache.py. Sources (random access: example i in O(1)):
   - WebDataset .tar shards as img2dataset writes them (NNNN.jpg + NNNN.txt), through a
     per-shard index of member offsets built once, in parallel, and kept beside the shards (or
     in --index-dir); rebuilt when a shard's size or time changes;

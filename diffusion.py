@@ -158,7 +158,7 @@ def dynamic_threshold(x0_hat, p=99.5):
 
     p is a percent. Passing the fraction 0.995 would take the 0.995th percentile, s ~ 0,
     max(s, 1) = 1, and silently turn this into static thresholding (a known bug in a JAX port
-    and in diffusers, issue 7165), so it is refused.
+    and in diffusers), so it is refused.
     """
     if not 1.0 < p <= 100.0:
         raise ValueError(f"dynamic_threshold: p={p} must be a percent in (1, 100], e.g. 99.5")

@@ -31,8 +31,8 @@ class EfficientUNetConfig(NetworkConfig):
     block_channels: tuple = (128, 256, 512, 1024)  # F.2
     block_res_blocks: tuple = (2, 4, 8, 8)  # F.2
     # F.2 / F.3: "strides": (2, 2) in every block: each DBlock halves the side first, each
-    # UBlock doubles it last (256 -> 128 -> 64 -> 32 -> 16 and back). 1: the block keeps the
-    # side (not the paper's; the demo's first block)
+    # UBlock doubles it last (256 -> 128 -> 64 -> 32 -> 16 and back). A stride of 1 keeps the
+    # side (no paper model has one; the demo's first block does)
     block_strides: tuple = (2, 2, 2, 2)
     block_self_attn: tuple = (False, False, False, True)  # F.2: self-attention + text tokens in k/v
     block_cross_attn: tuple = (False, False, False, False)  # F.3: explicit text cross-attention

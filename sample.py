@@ -34,7 +34,7 @@ DRAWBENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "drawbench.
 
 
 def read_drawbench():
-    """The 200 DrawBench prompts (§4.4): [(prompt, category)]."""
+    """The 200 DrawBench prompts (§3, App. C, Table A.1): [(prompt, category)]."""
     with open(DRAWBENCH, encoding="utf-8-sig", newline="") as f:
         return [(r["Prompt"], r["Category"]) for r in csv.DictReader(f)]
 

@@ -1,6 +1,6 @@
 """The demo's synthetic captioned-shapes dataset, and a deterministic detector that scores how
 well an image matches its caption (colour, count, position), like DrawBench's skills
-(Saharia et al. 2022, §4.4 / App. A of DrawBench: Colors, Counting, Positional).
+(Saharia et al. 2022, §3, App. C, Table A.1: DrawBench's Colors, Counting, Positional).
 
 Images: white background, one to three non-overlapping solid shapes (circle, square,
 triangle) in a palette of six colours. Captions: lower-case English from a small grammar:

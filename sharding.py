@@ -2,7 +2,8 @@
 
 paper: not specified how the state was laid out over its 256 TPU-v4 chips (§4.1 says only
 "batch 2048 on 256 chips"); replicated, the 2B base model's float32 state does not fit a
-TPU-v4's 32 GiB (README, "The §4.1 setup"), so it must have been split somehow.
+TPU-v4's 32 GiB (docs/performance.md#the-papers-training-setup-dry-run), so it must have
+been split somehow.
 
 A ('data', 'fsdp') mesh from `jax.make_mesh`. A global batch splits over every device (BATCH);
 parameters, EMA and optimizer moments split over 'fsdp' along one axis each (fsdp_spec) and are

@@ -1187,7 +1187,7 @@ def test_mismatched_checkpoint_is_refused(tmp_path, capsys):
     saved = checkpoints.read_meta(checkpoints.checkpoint_manager(str(tmp_path)))
     runs_otherwise = dataclasses.replace(TINY_STAGES["base"], unet=dataclasses.replace(
         TINY_STAGES["base"].unet, remat=True, dtype="bfloat16", attention="cudnn"))
-    train.check_config(saved, dict(saved, stage=imagen.config_dict(runs_otherwise)), str(tmp_path))
+    checkpoints.check_config(saved, dict(saved, stage=imagen.config_dict(runs_otherwise)), str(tmp_path))
     state = _train(tmp_path, 1)  # trained that far already: nothing to do, nothing saved
     assert int(state["step"]) == 1 and checkpoints.checkpoint_manager(str(tmp_path)).latest_step() == 1
     assert "is already at step 1: nothing to do for --steps 1" in capsys.readouterr().out
@@ -1451,7 +1451,7 @@ def tiny_cascade(tmp_path_factory):
         _, state = train.init_state(TINY_STAGES[name], TINY_TRAIN, seed)
         state["ema"] = jax.tree.map(lambda p: 0.9 * p + 0.01, state["params"])
         state["step"] = jnp.ones((), jnp.int32)
-        meta = train.checkpoint_meta(TINY_STAGES[name], dataclasses.replace(TINY_TRAIN, steps=1), 0, "shapes", [8])
+        meta = checkpoints.train_meta(TINY_STAGES[name], dataclasses.replace(TINY_TRAIN, steps=1), 0, "shapes", [8])
         checkpoints.save_checkpoint(checkpoints.checkpoint_manager(str(root / name)), state, meta)
     return str(root)
 
@@ -1972,6 +1972,14 @@ def test_bench_peer_widths_match_the_peers_tiny_unet():
     assert abs(imagen.count_params(stage) / 26.4e6 - 1) < 0.1  # the peer's tiny U-Net: 26.4M
     with pytest.raises(SystemExit):  # only the demo base has a peer counterpart of that shape
         bench.main(["--preset", "demo", "--stage", "sr1", "--peer-widths"])
+    # the peer, timed by bench.bench_peer in its own process: a clear error where imagen-pytorch
+    # is not installed (it is not a test requirement), its numbers where it is
+    import importlib.util
+    r = bench.run_peer("demo", "base", 2, 32, 256, 16, "fp32")
+    if importlib.util.find_spec("imagen_pytorch") is None:
+        assert r == {"error": "imagen-pytorch is not installed: pip install imagen-pytorch (or give --peer-python)"}
+    else:
+        assert r["peer"] == "imagen-pytorch" and r["img_per_s"] > 0
 
 
 def test_shapes_dataset_is_deterministic_and_captions_parse_back():

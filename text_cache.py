@@ -1,5 +1,5 @@
-"""The offline text-embedding cache: §2.1, the frozen encoder's embeddings "can be computed
-offline", once per caption, where training reads each of its 860M pairs about 6 times (2.5M
+"""The offline text-embedding cache: the frozen encoder's embeddings "computed and stored
+offline" (App. D.3; §2.1), once per caption, where training reads each of its 860M pairs about 6 times (2.5M
 steps x 2048 examples, §4.1).
 
 Built by every host in parallel, each its own share, resumable; read by example index. Also

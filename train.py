@@ -210,30 +210,6 @@ def _compile_step(stage, tcfg, mesh, grad_accum, seed, text):
 # The loop and its helpers
 # ---------------------------------------------------------------------------------------------
 
-def checkpoint_meta(stage, tcfg, seed, data_spec, positions):
-    """What a checkpoint records beside the state: what it is and how far each host has read."""
-    return {"stage": imagen.config_dict(stage), "train": dataclasses.asdict(tcfg), "seed": seed,
-            "data": data_spec, "position": positions}
-
-
-def check_config(old, meta, workdir):
-    """Refuse to resume a checkpoint made with another configuration (the stage, the training
-    settings but the step count, the seed, the data, the number of hosts), saying what differs."""
-    flat = lambda d, p="": {f"{p}{k}": v for k, v in d.items() if not isinstance(v, dict)} | {
-        kk: vv for k, v in d.items() if isinstance(v, dict) for kk, vv in flat(v, f"{p}{k}.").items()}
-    try:  # read back through stage_from_dict: a field added since the checkpoint takes its default
-        old = dict(old, stage=imagen.config_dict(imagen.stage_from_dict(old["stage"])))
-    except ValueError as e:
-        raise cli.UserError(f"{workdir}: {e}") from None
-    theirs, ours = (flat({k: d[k] for k in ("stage", "train", "seed", "data")} | {"hosts": len(d["position"])})
-                    for d in (old, meta))
-    diff = [f"{k}: checkpoint {theirs.get(k)!r}, now {ours.get(k)!r}" for k in sorted(theirs | ours)
-            if theirs.get(k) != ours.get(k) and k != "train.steps"]
-    if diff:
-        raise cli.UserError(f"{workdir} holds a checkpoint of another configuration:\n  " + "\n  ".join(diff) +
-                         "\nUse another --workdir, or the same settings as before (only --steps may change).")
-
-
 def global_batch(stream, stage, text, mesh):
     """This host's share of the next global batch from its data stream (data.host_stream), as
     arrays sharded over the mesh -> (batch, (the examples tried first, how many of them in a
@@ -251,35 +227,6 @@ def global_batch(stream, stage, text, mesh):
         local["lowres"] = b["lowres"]
     split = NamedSharding(mesh, BATCH)
     return {k: jax.make_array_from_process_local_data(split, v) for k, v in local.items()}, (b["tried"], b["skipped"])
-
-
-def restore_or_init(mngr, stage, tcfg, meta, seed, mesh, workdir):
-    """The newest readable checkpoint's state (resharded onto this mesh, whatever mesh saved it)
-    and this host's data position, or a new state at 0. One that cannot be read is set aside
-    (checkpoints.restore_newest) for the one before it."""
-    shapes = abstract_state(stage, tcfg)[1]
-    shardings = sharding.state_shardings(mesh, shapes)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-    def restore(step):
-        old = checkpoints.read_meta(mngr, step)
-        check_config(old, meta, workdir)  # another configuration is refused, not skipped
-        state = checkpoints.restore_checkpoint(mngr, abstract, step)
-        if int(state["step"]) != step:  # a copied or renamed folder: it would pin every resume
-            raise ValueError(f"its recorded step is {int(state['step'])}, not its folder's")
-        return old, state
-
-    found = checkpoints.restore_newest(mngr, restore, set_aside=jax.process_index() == 0)
-    if found is None:
-        return jax.device_put(init_state(stage, tcfg, seed)[1], shardings), 0
-    _, (old, state) = found
-    metrics = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(metrics) and jax.process_index() == 0:  # drop what was logged after it
-        with open(metrics) as f:  # and a last line cut short by a kill
-            lines = [ln for ln in f if ln.endswith("\n") and json.loads(ln)["step"] <= int(state["step"])]
-        with open(metrics, "w") as f:
-            f.writelines(lines)
-    return state, old["position"][jax.process_index()]
 
 
 def note_skipped(workdir, source, tried, skipped, shown=3):
@@ -335,8 +282,9 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
     with cli.workdir_lock(workdir):  # one run per workdir, until this one ends
         # restore or init, then compile the step
         mngr = checkpoints.checkpoint_manager(workdir)
-        meta = checkpoint_meta(stage, tcfg, seed, data_spec, [0] * jax.process_count())
-        state, position = restore_or_init(mngr, stage, tcfg, meta, seed, mesh, workdir)
+        meta = checkpoints.train_meta(stage, tcfg, seed, data_spec, [0] * jax.process_count())
+        state, position = checkpoints.restore_or_init(mngr, meta, abstract_state(stage, tcfg)[1],
+                                                      lambda: init_state(stage, tcfg, seed)[1], mesh, workdir)
         start = last_saved = int(state["step"])
         if start >= tcfg.steps:
             print(f"{workdir} is already at step {start}: nothing to do for --steps {tcfg.steps} "
