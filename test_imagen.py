@@ -1460,6 +1460,18 @@ FAST = imagen.SampleSettings(guidance=3.0, steps=3, sampler="ddim", threshold="d
 
 
 @CASCADE
+def test_readme_python_snippet_runs(tiny_cascade, tmp_path, monkeypatch, capsys):
+    # the README's "From Python" block as written, on the tiny cascade in the place of runs/demo
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8").read()
+    code = re.search(r"## From Python\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert 'checkpoints.load_cascade("runs/demo")' in code
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace('"runs/demo"', repr(tiny_cascade)), "README.md", "exec"), {})
+    assert capsys.readouterr().out.splitlines()[-1] == "(2, 64, 64, 3) uint8"
+    assert Image.open(tmp_path / "sample.png").size == (64, 64)
+
+
+@CASCADE
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_generate_shapes_and_determinism(tiny_cascade, n):
     stages = checkpoints.load_cascade(tiny_cascade, n)
