@@ -34,16 +34,12 @@ LOG_SNR_MIN, LOG_SNR_MAX = -20.0, 20.0
 # ---------------------------------------------------------------------------------------------
 
 def cosine_log_snr(t, s=0.008):
-    """log-SNR lambda_t of the cosine schedule (Nichol & Dhariwal 2021, eq. 17), t in [0, 1].
-
-    Used by the base 64x64 model and the 64->256 model (Saharia et al. 2022, App. F.1, F.2).
-    alpha_bar(t) = f(t) / f(0) with f(t) = cos^2(a(t)), a(t) = (t + s) / (1 + s) * pi / 2, and
-    lambda_t = log(alpha_bar / (1 - alpha_bar)). With a0 = a(0) and the identity
-    cos^2 a0 - cos^2 a = sin(a - a0) sin(a + a0) this is
+    """log-SNR lambda_t of the cosine schedule (Nichol & Dhariwal 2021, eq. 17), t in [0, 1];
+    the base and 64->256 models' (Saharia et al. 2022, App. F.1, F.2). With a(t) = (t + s) /
+    (1 + s) pi / 2 and a0 = a(0),
         lambda_t = 2 log cos a - log sin(a - a0) - log sin(a + a0),
-    which is accurate near both ends. It is +inf at t = 0 and -inf at t = 1, so the result is
-    clipped to [LOG_SNR_MIN, LOG_SNR_MAX]. (Nichol & Dhariwal clip the discrete beta_t at
-    0.999 instead, which has no continuous-time counterpart.)
+    accurate near both ends, clipped to [LOG_SNR_MIN, LOG_SNR_MAX] (it is +inf at t = 0, -inf at
+    t = 1). Derivation: docs/noise_schedules.md#cosine.
     """
     t = jnp.asarray(t, jnp.float32)
     a0 = s / (1 + s) * math.pi / 2
@@ -58,21 +54,13 @@ _GAUSS_LEGENDRE_5 = np.polynomial.legendre.leggauss(5)  # (nodes, weights) on [-
 
 def linear_log_snr(t, beta_start=1e-4, beta_end=0.02, num_steps=1000):
     """Continuous-time log-SNR of "the 1000 step linear noise schedule with start and end 1e-4
-    and 0.02" (Saharia et al. 2022, App. F.3, the 256->1024 model; Ho et al. 2020).
-
-    Derivation. The discrete schedule has beta_i = beta_start + (beta_end - beta_start) i / T
-    for i = 0..T-1 (T = 1000) and alpha_bar_n = prod_{i<n} (1 - beta_i), so
-        log alpha_bar_n = sum_{i<n} log(1 - beta_i).
-    Reading the sum as a Riemann sum with step 1/T over u = i / T in [0, 1], with
-    beta(u) = beta_start + (beta_end - beta_start) u, gives in continuous time
-        log alpha_bar(t) = T * int_0^t log(1 - beta(u)) du,
-    which we integrate with 5-point Gauss-Legendre quadrature (exact to float32 precision for
-    this smooth integrand; the closed form v log v - v loses all precision to cancellation in
-    float32 near t = 0). No log(1 - beta) ~ -beta approximation is made. Then
-        lambda_t = log alpha_bar - log(1 - alpha_bar) = L - log(-expm1(L)),  L = log alpha_bar.
-    At t = n / T this matches the discrete schedule (lambda_n of prod_{i<n}) to within 0.1 in
-    log-SNR for n >= 1, and lambda = -10.12 at
-    t = 1 in both; at t = 0 it is +inf and is clipped to LOG_SNR_MAX like the cosine schedule.
+    and 0.02" (Saharia et al. 2022, App. F.3, the 256->1024 model; Ho et al. 2020):
+        log alpha_bar(t) = T int_0^t log(1 - beta(u)) du,  beta(u) = beta_start + (beta_end - beta_start) u,
+        lambda_t = L - log(-expm1(L)),  L = log alpha_bar(t),
+    the integral by 5-point Gauss-Legendre quadrature; within 0.1 in log-SNR of the discrete
+    schedule at t = n / T (n >= 1), -10.12 at t = 1; clipped like the cosine schedule.
+    paper: not specified how the discrete schedule maps to continuous time; derivation and
+    checks: docs/noise_schedules.md#linear.
     """
     t = jnp.asarray(t, jnp.float32)
     x, wq = _GAUSS_LEGENDRE_5  # nodes and weights on [-1, 1]
