@@ -237,8 +237,10 @@ def parse_args(argv):
 
 
 def drawbench(a, out, stages, text, clip):
-    """DrawBench (§3, App. C): the samples, one grid per category, a CLIP score per category."""
-    base = [imagen.SAMPLING[SAMPLING].get(s.config.name, imagen.default_sampling(s.config)) for s in stages]
+    """DrawBench (§3, App. C, Table A.1): the samples, one grid per category, a CLIP score per
+    category. paper: not specified how DrawBench's samples are drawn; with the settings of the
+    paper's sample figures (imagen.default_sampling: w = 5, aug level 0.3), as sample.py draws."""
+    base = [imagen.default_sampling(s.config) for s in stages]
     bench = sample.read_drawbench()
     prompts = [p for p, _ in bench]
     paths = sample_set(stages, text, prompts, base,
