@@ -264,8 +264,10 @@ def run(a):
         return compare(a.compare, a.out or os.path.dirname(os.path.abspath(a.compare[0])))
     out = a.out or os.path.join(a.workdir, "eval")
     proto = PROTOCOLS[a.protocol]
-    changed = {k: v for k, v in (("stages", a.stages), ("num", a.num), ("sweep_stage", a.sweep_stage),
-                                 ("guidance", a.guidance)) if v is not None and v != getattr(proto, k)}
+    given = {"stages": a.stages, "num": a.num, "sweep_stage": a.sweep_stage,
+             "guidance": a.guidance and tuple(a.guidance)}  # the preset's weights are a tuple
+    changed = {k: a.guidance if k == "guidance" else v for k, v in given.items()
+               if v is not None and v != getattr(proto, k)}
     n_stages, num = a.stages or proto.stages, a.num or proto.num
     sweep_stage, weights = a.sweep_stage or proto.sweep_stage, a.guidance or list(proto.guidance)
     clip = metrics.load_clip(a.clip) if a.clip else None

@@ -192,7 +192,7 @@ class TrainText:
     CaptionTable for a dataset with a small finite set of captions), or the frozen encoder
     inside the step (its spec and its weights, sharded over the mesh) with the tokenizer."""
     tokenizer: Any = None    # None when a finished cache is read (nothing to tokenize)
-    embeddings: Any = None   # TextCache or CaptionTable: .embeddings(batch) -> (emb, mask)
+    offline: Any = None      # TextCache or CaptionTable: .embeddings(batch) -> (emb, mask)
     spec: EncoderSpec | None = None
     weights: Any = None
 
@@ -202,7 +202,7 @@ def open_text(stage, text_cache, source, mesh) -> TrainText:
     if text_cache and TextCache.complete(text_cache):
         expect = {"n": len(source), "max_length": stage.text_length, "dim": stage.unet.text_dim,
                   "encoder": stage.text_encoder, "source": source.fingerprint()}
-        return TrainText(embeddings=TextCache(text_cache, expect))
+        return TrainText(offline=TextCache(text_cache, expect))
     encoder, tokenizer = text_encoders.load_text_encoder(stage.text_encoder, stage.unet.dtype)
     if encoder.cfg.d_model != stage.unet.text_dim:
         raise cli.UserError(f"text encoder {stage.text_encoder!r} has width {encoder.cfg.d_model}, the "

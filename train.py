@@ -216,8 +216,8 @@ def global_batch(stream, stage, text, mesh):
     row were unreadable and replaced))."""
     b = next(stream)
     local_B = len(b["image"])
-    if text.embeddings is not None:  # a text_cache.TextCache or CaptionTable
-        emb, mask = text.embeddings.embeddings(b)
+    if text.offline is not None:  # a text_cache.TextCache or CaptionTable
+        emb, mask = text.offline.embeddings(b)
         local = {"text_emb": emb[:, :stage.text_length], "text_mask": mask[:, :stage.text_length]}
     else:  # encoded inside the step
         local = dict(zip(("tokens", "text_mask"), t5_encoder.tokenize(text.tokenizer, b["caption"], stage.text_length)))
