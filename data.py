@@ -3,8 +3,9 @@ decode workers (the offline text-embedding cache is text_cache.py's).
 
 Saharia et al. 2022, §4.1 trains on ~860M image-text pairs (internal data + LAION-400M); the
 super-resolution models get their low-resolution input by down-sampling, and the 256->1024
-model trains on 64->256 random crops of the 1024 images (§2.5). The frozen encoder's
-embeddings are "computed and stored offline" (App. D.3): text_cache.py. Sources (random access: example i in O(1)):
+model trains on "64 x 64 -> 256 x 256 crops of the 1024 x 1024 image" (§2.5; preprocess). The
+frozen encoder's embeddings are "computed and stored offline" (App. D.3): text_cache.py.
+Sources (random access: example i in O(1)):
   - WebDataset .tar shards as img2dataset writes them (NNNN.jpg + NNNN.txt), through a
     per-shard index of member offsets built once, in parallel, and kept beside the shards (or
     in --index-dir); rebuilt when a shard's size or time changes;
@@ -291,7 +292,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shortest side to `size`, then crop the centre square."""
+    """Shortest side to `size`, centre square (paper: not specified; improved-diffusion's)."""
     w, h = img.size
     s = size / min(w, h)
     img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
@@ -308,9 +309,9 @@ def to_array(img: Image.Image) -> np.ndarray:
 def preprocess(img: Image.Image, stage, rng: np.random.Generator):
     """An image -> (x0 at stage.train_side, low-res conditioning image or None).
 
-    The image is brought to the stage's output side (shortest side + centre crop). A stage
-    that trains on crops (256->1024, §2.5) takes a random train_side crop; the low-res input
-    is that crop down-sampled by side / lowres_side (bicubic, antialiased by PIL)."""
+    The image is brought to the stage's side (center_crop). A stage that trains on crops
+    (256->1024, §2.5) takes a train_side crop (paper: not specified where: uniformly random);
+    the low-res input is that crop down-sampled (paper: not specified how: PIL bicubic)."""
     img = center_crop(img, stage.side)
     if stage.train_side < stage.side:
         x, y = rng.integers(0, stage.side - stage.train_side + 1, 2)

@@ -242,8 +242,10 @@ def diffusion_loss(eps_fn, x0_BHWC, txt_BLD, mask_BL, keys, log_snr_fn, p_uncond
 
     keys: one PRNG key per example, (B, 2), so that an example's noise does not depend on how
     the batch is split over devices, hosts or micro-batches.
-    §2.4: "During training, aug_level is chosen randomly"; paper: not specified in its text from
-    what; we use U(0, max_aug_level), 1 by default (train.TrainConfig.max_aug_level).
+    §2.4: "During training, aug_level is chosen randomly"; Fig. A.32's train_step draws it as
+    jnp.random.uniform(0.0, 1.0): U(0, max_aug_level), 1 by default (train.TrainConfig.max_aug_level).
+    paper: not specified whether one level per batch (the listing's train_step) or per example;
+    per example here.
     prediction: "eps" (the paper) or "v" (see PREDICTIONS): plain MSE on that target.
     t_B: given times in place of the drawn ones (the held-out loss at chosen noise levels).
     Returns the mean loss over the batch (a scalar, float32).

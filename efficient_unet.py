@@ -40,7 +40,7 @@ class EfficientUNetConfig(NetworkConfig):
     attn_hidden_mult: int = 2  # Fig. A.28: "hidden_size=2×channels output_size=channels"
     conv_shortcut: bool = True  # Fig. A.27: a 1x1 conv on every ResNetBlock's shortcut (False: ADM's)
     # App. B.1: "scaling the skip connections by 1/√2 similar to [66, 59]" (score-SDE, SR3);
-    # which sums is open. "residual": every residual sum is (x + h)/sqrt(2) (ResNetBlocks and
+    # paper: not specified which sums. "residual": every residual sum is (x + h)/sqrt(2) (ResNetBlocks and
     # attention), as score-SDE's skip_rescale; "shortcut": h + shortcut(x)/sqrt(2) in the
     # ResNetBlocks (NVIDIA Rosetta's and NeMo's Efficient U-Nets); "unet": the DBlock output a
     # UBlock takes is scaled (imagen-pytorch). See docs/parameter_counts.md#the-sqrt2-scaling.
@@ -72,7 +72,9 @@ def _res_block(i, o, emb_dim, cfg, rngs):
 class DBlock(nnx.Module):
     """App. B.1, Fig. A.28: conv3x3 with the block's stride (down-sampling first) -> ResNetBlocks
     -> attention. The conditioning embedding (Fig. A.28's CombineEmbs: time + pooled text, and
-    the aug level) enters every ResNetBlock by scale-shift norm (F.2's use_scale_shift_norm)."""
+    the aug level) enters every ResNetBlock by scale-shift norm (F.2's use_scale_shift_norm);
+    paper: not specified where CombineEmbs acts (Fig. A.27's ResNetBlock takes no embedding):
+    docs/parameter_counts.md#the-embeddings-combineembs-and-scale-shift-norm."""
 
     def __init__(self, i, o, n, self_attn, cross_attn, emb_dim, cfg, rngs, stride):
         self.down = conv(i, o, rngs, compute_dtype(cfg), stride=stride)

@@ -221,6 +221,8 @@ def parse_args(argv):
                    help="100cos: 100 x cos, the mean clamped at 0 (GLIDE, torchmetrics); hessel: Hessel et al.'s "
                         "CLIPScore, 2.5 x max(cos, 0) with the prefix 'A photo depicts'")
     p.add_argument("--drawbench", action="store_true", help="DrawBench grids (and CLIP scores with --clip)")
+    p.add_argument("--per-prompt", type=cli.positive_int, default=8,
+                   help="DrawBench samples per prompt (App. C: 8 random, non-cherry-picked, per prompt)")
     p.add_argument("--compare", nargs="+", default=None, metavar="METRICS_JSON",
                    help="overlay these runs' metrics.json in OUT/pareto_compare.png (nothing is sampled)")
     p.add_argument("--seed", type=cli.seed, default=0)
@@ -237,25 +239,27 @@ def parse_args(argv):
 
 
 def drawbench(a, out, stages, text, clip):
-    """DrawBench (§3, App. C, Table A.1): the samples, one grid per category, a CLIP score per
-    category. paper: not specified how DrawBench's samples are drawn; with the settings of the
-    paper's sample figures (imagen.default_sampling: w = 5, aug level 0.3), as sample.py draws."""
+    """DrawBench (§3, App. C, Table A.1): --per-prompt samples of each prompt (App. C: "8
+    random (non-cherry picked) generations"), one grid per category (a row per prompt), a CLIP
+    score per category over all its samples. paper: not specified with which settings; those
+    of the paper's sample figures (imagen.default_sampling: w = 5, aug level 0.3), as sample.py."""
     base = [imagen.default_sampling(s.config) for s in stages]
-    bench = sample.read_drawbench()
-    prompts = [p for p, _ in bench]
+    bench, k = sample.read_drawbench(), a.per_prompt
+    prompts = [p for p, _ in bench for _ in range(k)]  # prompt i's samples: k * i .. k * i + k - 1
     paths = sample_set(stages, text, prompts, base,
                        sample_dir(out, "drawbench", stages, prompts, base, a.seed, a.batch_size), a.seed, a.batch_size)
     images = np.stack([np.asarray(Image.open(p)) for p in paths])
     rows = {}
     for cat in sorted({c for _, c in bench}):
-        idx = [i for i, (_, c) in enumerate(bench) if c == cat]
-        sample.grid(images[idx]).save(os.path.join(out, f"drawbench_{cat.replace(' ', '_')}.png"))
+        idx = [k * i + j for i, (_, c) in enumerate(bench) if c == cat for j in range(k)]
+        sample.grid(images[idx], cols=k).save(os.path.join(out, f"drawbench_{cat.replace(' ', '_')}.png"))
         if clip:
-            scores = metrics.clip_scores(clip, images[idx], [bench[i][0] for i in idx], a.clip_convention)
+            scores = metrics.clip_scores(clip, images[idx], [prompts[i] for i in idx], a.clip_convention)
             rows[cat] = metrics.clip_score(scores, a.clip_convention)
     with open(os.path.join(out, "drawbench.json"), "w") as f:
-        json.dump({"clip_score_per_category": rows, "clip_convention": a.clip_convention, "n": len(bench)}, f, indent=1)
-    print(f"wrote {len(bench)} DrawBench samples and one grid per category to {out}")
+        json.dump({"clip_score_per_category": rows, "clip_convention": a.clip_convention, "prompts": len(bench),
+                   "per_prompt": k}, f, indent=1)
+    print(f"wrote {len(prompts)} DrawBench samples ({k} per prompt) and one grid per category to {out}")
     return rows
 
 

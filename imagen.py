@@ -162,8 +162,9 @@ SAMPLING = {
     "paper-best": {"base": SampleSettings(steps=100), "sr1": SampleSettings(steps=50),
                    "sr2": SampleSettings(steps=50)},
     # Table 1, COCO 256x256 FID-30K, two stages: "a guidance weight of 1.35 for our 64 × 64
-    # model, and a guidance weight of 8.0 for our super-resolution model"; aug level 0 from App.
-    # D.2: "aug_level = 0 gives the best FID score for all values of guidance weight"
+    # model, and a guidance weight of 8.0 for our super-resolution model"; paper: not specified
+    # which aug level: 0, as App. D.2's "aug_level = 0 gives the best FID score for all values
+    # of guidance weight" (the Fig. A.11 sweep)
     "coco-fid": {"base": SampleSettings(guidance=1.35, steps=100),
                  "sr1": SampleSettings(guidance=8.0, steps=50, aug_level=0.0)},
     # demo: static thresholding (docs/demo_experiments.md#why-static-thresholding); base w = 3

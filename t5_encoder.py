@@ -48,7 +48,7 @@ class T5Config:
     layer_norm_epsilon: float = 1e-6
 
 
-# The public google/t5-v1_1-* configs (their config.json files). §App. D.1 compares these sizes.
+# The public google/t5-v1_1-* configs (their config.json files). App. D.1 compares these sizes.
 T5_PRESETS = {
     "t5-v1_1-small": T5Config(d_model=512, d_ff=1024, num_layers=8, num_heads=6),
     "t5-v1_1-base": T5Config(d_model=768, d_ff=2048, num_layers=12, num_heads=12),

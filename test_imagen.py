@@ -1960,6 +1960,21 @@ def test_evaluate_a_cascade_resumes_and_names_missing_files(eval_models, tiny_ca
     (coco / "annotations" / "captions_val2014.json").write_text('{"annotations": [{"id": 1}]}')
     with pytest.raises(SystemExit, match="is not COCO's caption annotations .no 'caption'.: unzip"):
         evaluate.main(argv[:-2] + ["--out", str(tmp_path / "e3")])
+    # DrawBench (App. C): --per-prompt samples of every prompt, different ones, a row per prompt
+    bench = [("a red circle", "Colors"), ("a blue square", "Colors"), ("two circles", "Counting")]
+    monkeypatch.setattr(sample, "read_drawbench", lambda: bench)
+    real_default = imagen.default_sampling
+    monkeypatch.setattr(imagen, "default_sampling", lambda c: dataclasses.replace(real_default(c), steps=3))
+    evaluate.main(["--workdir", tiny_cascade, "--drawbench", "--per-prompt", "2", "--stages", "2", "--clip", clip_dir,
+                   "--out", str(tmp_path / "db")])
+    (db,) = (tmp_path / "db").glob("drawbench_*/")
+    images = [np.asarray(Image.open(p)) for p in sorted(db.glob("*.png"))]
+    assert len(images) == 6 and not np.array_equal(images[0], images[1])  # 2 draws of one prompt
+    assert Image.open(tmp_path / "db" / "drawbench_Colors.png").size == (2 * 32, 2 * 32)
+    assert Image.open(tmp_path / "db" / "drawbench_Counting.png").size == (2 * 32, 32)
+    result = json.load(open(tmp_path / "db" / "drawbench.json"))
+    assert result["per_prompt"] == 2 and result["prompts"] == 3
+    assert set(result["clip_score_per_category"]) == {"Colors", "Counting"}
 
 
 # =============================================================================================

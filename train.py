@@ -62,7 +62,7 @@ class TrainConfig:
     lr: float = 1e-4  # F.1-F.3: peak learning rate 1e-4
     warmup_steps: int = 10_000  # F.1-F.3: 10000 (linear) warm-up steps
     # F.1, F.2: warmup_cosine_decay_schedule(..., decay_steps=2500000); F.3 gives only the
-    # learning rate and warm-up: the same cosine decay for the 256->1024 model is our extrapolation
+    # learning rate and warm-up; paper: not specified for the 256->1024 model: the same decay
     decay_steps: int = 2_500_000
     # paper: not specified; the printed warmup_cosine_decay_schedule end_value (2500000) is a typo: 0
     end_lr: float = 0.0
@@ -71,8 +71,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # paper: not specified; global-norm clipping at 1 (NeMo)
     ema_decay: float = 0.9999  # paper: not specified; NeMo's EMA decay
     p_uncond: float = 0.1  # §4.1: text embeddings zeroed 10% of the time
-    # §2.4: "During training, aug_level is chosen randomly", aug_level ∈ [0, 1]; paper: not
-    # specified in its text from what: aug_level ~ U(0, max_aug_level), 1 (super-resolution only)
+    # §2.4: "During training, aug_level is chosen randomly", aug_level ∈ [0, 1]; Fig. A.32's
+    # train_step: aug_level = uniform(0.0, 1.0), so aug_level ~ U(0, max_aug_level), 1
+    # (super-resolution only; drawn per example, see diffusion.diffusion_loss)
     max_aug_level: float = 1.0
 
 
@@ -96,7 +97,9 @@ WATCH_EVERY = {"paper": {"eval_every": 5000, "sample_every": 20000}, "demo": {"e
 
 def make_optimizer(tcfg: TrainConfig):
     """§4.1 / App. F: Adafactor (optax defaults) for the base model, Adam for the SR models,
-    after global-norm clipping; warm-up then cosine decay."""
+    after global-norm clipping; warm-up from init_value=0.0 (F.1, F.2) then cosine decay. F.1
+    and F.2 set weight_decay=0: optax.adam has none, optax.adafactor's weight_decay_rate is
+    None by default."""
     lr = optax.warmup_cosine_decay_schedule(0.0, tcfg.lr, tcfg.warmup_steps,
                                             max(tcfg.decay_steps, tcfg.warmup_steps + 1), tcfg.end_lr)
     opt = (optax.adafactor(lr) if tcfg.optimizer == "adafactor" else
