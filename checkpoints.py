@@ -19,6 +19,7 @@ from flax import nnx
 
 import imagen
 import sharding
+import text_encoders
 from cli import UserError
 
 # orbax writes a replicated array as one slice per replica, in parallel: one dispatch per slice,
@@ -34,14 +35,39 @@ def checkpoint_manager(workdir: str, create: bool = True):
                                  options=ocp.CheckpointManagerOptions(max_to_keep=2, create=create))
 
 
-def restore_newest(mngr, restore, set_aside: bool = False):
-    """-> (step, restore(step)) for the newest checkpoint that can be read, or None when there
-    is none. One that cannot (a truncated file, an emptied folder) is skipped with a warning
-    naming it, and, with set_aside (training, which will save over its step), renamed to
-    broken-STEP beside it, so nothing saved is deleted."""
+def _quiet_orphaned_reads(unraisable):
+    """sys.unraisablehook that drops one kind of noise: when one read of a damaged checkpoint
+    fails, orbax closes its event loop while tensorstore's other reads are still in flight, and
+    each of them, finishing, reports "RuntimeError: Event loop is closed" from asyncio's
+    call_soon_threadsafe on a thread of its own (a traceback per read, nothing lost: the failure
+    itself is raised and reported). Anything else goes to the hook installed before."""
+    tb, frames = unraisable.exc_traceback, []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+            and "call_soon_threadsafe" in frames):
+        _previous_hook(unraisable)
+
+
+_previous_hook = sys.unraisablehook
+
+
+def _install_quiet_hook():
+    global _previous_hook
+    if sys.unraisablehook is not _quiet_orphaned_reads:
+        _previous_hook, sys.unraisablehook = sys.unraisablehook, _quiet_orphaned_reads
+
+
+def restore_newest(mngr, restore, set_aside: bool = False, steps=None):
+    """-> (step, restore(step)) for the newest checkpoint that can be read (of `steps`, default:
+    all there are), or None when there is none. One that cannot (a truncated file, an emptied
+    folder) is skipped with a warning naming it, and, with set_aside (training, which will save
+    over its step), renamed to broken-STEP beside it, so nothing saved is deleted."""
     directory = str(mngr.directory)
-    steps = sorted(mngr.all_steps(), reverse=True)
-    for step in steps:
+    steps = sorted(mngr.all_steps() if steps is None else steps, reverse=True)
+    _install_quiet_hook()  # a damaged checkpoint's reads still in flight (before the first fails)
+    for k, step in enumerate(steps):
         try:
             return step, restore(step)
         except UserError:  # readable, but refused (another configuration): nothing is set aside
@@ -52,8 +78,8 @@ def restore_newest(mngr, restore, set_aside: bool = False):
                 note = f"; moved to {_set_aside(directory, step)}"
                 mngr.reload()
             print(f"warning: checkpoint {directory}/{step} cannot be read ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:200] if str(e) else ''}){note}; trying the one before it",
-                  file=sys.stderr)
+                  f"{str(e).splitlines()[0][:200] if str(e) else ''}){note}"
+                  f"{'; trying the one before it' if k + 1 < len(steps) else ''}", file=sys.stderr)
     if steps:
         raise UserError(f"no checkpoint in {directory} can be read (steps {steps}): move the folder away "
                         f"to start anew, or restore it from a copy")
@@ -185,21 +211,61 @@ def load_stage(stage_dir: str, step: int | None = None) -> LoadedStage:
         ema = mngr.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(params)))["ema"]
         return config, nnx.merge(graphdef, ema)
 
-    if step is not None:
-        return LoadedStage(*restore(step), step)
-    found = restore_newest(mngr, restore)
+    found = restore_newest(mngr, restore, steps=None if step is None else [step])
     if found is None:
         raise FileNotFoundError(stage_dir)
     step, (config, model) = found
     return LoadedStage(config, model, step)
 
 
-def check_cascade(workdir: str, num_stages: int = 3):
-    """That workdir holds the first num_stages stages' checkpoints (read nothing, create nothing)."""
-    for name in imagen.STAGE_NAMES[:num_stages]:
+def check_cascade(workdir: str, num_stages: int = 3, steps=None):
+    """That workdir holds the first num_stages stages' checkpoints and that they make one cascade
+    (check_stages, on the configs their newest checkpoints, or those of `steps`, record: a
+    checkpoint that cannot be read is left to load_cascade). Creates nothing."""
+    configs = []
+    for k, name in enumerate(imagen.STAGE_NAMES[:num_stages]):
         d = os.path.join(workdir, name, "checkpoints")
         if not (os.path.isdir(d) and any(e.isdigit() for e in os.listdir(d))):
             raise FileNotFoundError(_missing_stage(workdir, name))
+        try:
+            mngr = checkpoint_manager(os.path.dirname(d), create=False)
+            step = steps[k] if steps else mngr.latest_step()
+            configs.append(imagen.stage_from_dict(read_meta(mngr, step)["stage"]))
+        except Exception:  # damaged, or gone: load_cascade says which, or takes the one before
+            configs.append(None)
+    check_stages(workdir, configs)
+
+
+def check_stages(workdir: str, configs):
+    """Refuse stages that do not make one cascade: WORKDIR/base must hold a base stage, each
+    super-resolution stage the next one, whose low-res side is the side of the stage before it
+    (folders swapped or copied in the wrong place), and all of them must have been trained on
+    the same text encoder (the cascade encodes each prompt once, for every stage). configs: one
+    StageConfig per stage folder in order; None where it is not known."""
+    names = imagen.STAGE_NAMES
+    for k, c in enumerate(configs):
+        if c is None:
+            continue
+        where, prev = os.path.join(workdir, names[k]), configs[k - 1] if k else None
+        what = f"a stage trained as {c.name} ({f'{c.lowres_side}->{c.side}' if c.lowres_side else f'{c.side}x{c.side}'})"
+        if k == 0 and (c.name != names[0] or c.lowres_side):
+            raise UserError(f"{where} holds {what}, expected a base stage (no low-res input): the stage "
+                            f"folders are in the wrong places; move each stage's folder to {workdir}/<its name>")
+        if k and c.name != names[k]:
+            raise UserError(f"{where} holds {what}, expected the {names[k]} stage: the stage folders are in "
+                            f"the wrong places; move each stage's folder to {workdir}/<its name>")
+        if k and prev is not None and c.lowres_side != prev.side:
+            raise UserError(f"{where} holds {what}, expected one that upsamples the {names[k - 1]} stage's "
+                            f"{prev.side}x{prev.side} images: train the stages with one --preset, or sample "
+                            f"with --stages {k}")
+    known = [(names[k], c) for k, c in enumerate(configs) if c is not None]
+    for name, c in known[1:]:
+        first, f = known[0]
+        if not text_encoders.same_encoder(c.text_encoder, f.text_encoder):
+            raise UserError(f"{os.path.join(workdir, name)} was trained on the text encoder {c.text_encoder!r}, "
+                            f"{os.path.join(workdir, first)} on {f.text_encoder!r}: the cascade conditions every "
+                            f"stage on one encoding of the prompt: train them on one encoder (e.g. {name} "
+                            f"again with --text-encoder {f.text_encoder})")
 
 
 def _missing_stage(workdir, name):
@@ -211,11 +277,14 @@ def _missing_stage(workdir, name):
 def load_cascade(workdir: str, num_stages: int = 3, steps=None) -> list[LoadedStage]:
     """workdir/base, workdir/sr1, workdir/sr2 (train.py workdirs) -> [LoadedStage], the newest
     checkpoints or those of `steps` (one per stage). A missing stage is a FileNotFoundError
-    naming the command that makes it."""
+    naming the command that makes it; stages that do not make one cascade (check_stages) are
+    refused before any weights are read."""
+    check_cascade(workdir, num_stages, steps)
     stages = []
     for k, name in enumerate(imagen.STAGE_NAMES[:num_stages]):
         try:
             stages.append(load_stage(os.path.join(workdir, name), steps[k] if steps else None))
         except FileNotFoundError:
             raise FileNotFoundError(_missing_stage(workdir, name)) from None
+    check_stages(workdir, [s.config for s in stages])  # those loaded (an older one, if the newest is damaged)
     return stages

@@ -1,8 +1,8 @@
 """What every command line here shares: argument types that check their value before anything
 loads (argparse then prints what is wrong and exits 2), the one place that turns a known fault
-(a missing file, a bad checkpoint, bad input) into a one-line message and exit 1, and the
-signals a long run stops on. An unexpected error still shows its traceback: it is a bug to
-report."""
+(a missing file, a bad checkpoint, bad input, a disk or file system that fails) into a
+one-line message and exit 1, and the signals a long run stops on. An unexpected error still
+shows its traceback: it is a bug to report."""
 
 import argparse
 import contextlib
@@ -76,11 +76,14 @@ def run(main, argv=None):
         sys.exit(f"error: {e}")
     except Stopped as e:
         sys.exit(str(e))
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        sys.exit(f"error: {e.strerror} writing {e.filename or 'a file'}: free space and run the same command "
-                 "again (what was saved before is kept; a run resumes from it)")
+    except OSError as e:  # the system's, not the program's: a read-only or failing disk, no access
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            sys.exit(f"error: {e.strerror} writing {e.filename or 'a file'}: free space and run the same command "
+                     "again (what was saved before is kept; a run resumes from it)")
+        where = f" ({e.filename})" if e.filename else ""
+        fix = "give a path you may write to" if e.errno == errno.EROFS else "check the disk"
+        sys.exit(f"error: {e.strerror or e}{where}: {fix} and run the same command again (what was saved "
+                 "before is kept)")
     except KeyboardInterrupt:
         sys.exit("interrupted")
 
@@ -113,6 +116,18 @@ class StopSignals:
     def __exit__(self, *exc):
         for s, handler in self._old.items():
             signal.signal(s, handler)
+
+
+def check_folder(path, flag):
+    """Refuse a folder argument (--workdir, --text-cache) that names a file, or lies under one,
+    before anything loads: makedirs would fail later, after minutes of set-up."""
+    if path is None:
+        return
+    up = os.path.abspath(path)
+    while not os.path.exists(up) and os.path.dirname(up) != up:  # the part that exists already
+        up = os.path.dirname(up)
+    if not os.path.isdir(up):
+        raise UserError(f"{flag} {path}{'' if up == os.path.abspath(path) else ': ' + up} is a file: give a folder")
 
 
 @contextlib.contextmanager

@@ -49,6 +49,7 @@ import shapes
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 MAX_OPEN_SHARDS = 64  # per process: open files are bounded
 DECODE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, SyntaxError, UnicodeDecodeError)
+MAX_SKIPPED = 100  # unreadable examples in a row replaced before the data is refused
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,8 +75,7 @@ class ShapesSource:
         return shapes.training_captions()
 
     def load(self, i):
-        img, caption, _, _ = shapes.make_example(self.seed, i)
-        return img, caption
+        return shapes.make_example(self.seed, i)[:2]
 
     def name(self, i):
         return f"shapes example {i}"
@@ -129,11 +129,8 @@ def _scan_shard(tar_path) -> np.ndarray:
                     members[m.name] = (m.offset_data, m.size)
     except (tarfile.TarError, OSError):
         pass
-    rows = []
-    for name in sorted(members):
-        stem, ext = os.path.splitext(name)
-        if ext.lower() in IMAGE_EXTS:
-            rows.append(members[name] + members.get(stem + ".txt", (-1, -1)))
+    rows = [members[name] + members.get(os.path.splitext(name)[0] + ".txt", (-1, -1)) for name in sorted(members)
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTS]
     return np.array(rows, np.int64).reshape(-1, 4)
 
 
@@ -161,7 +158,7 @@ def index_shards(tars, index_dir=None, workers=None):
         os.makedirs(index_dir, exist_ok=True)
     except OSError as e:
         raise cli.UserError(f"cannot write the shard index to {index_dir} ({e}): pass --index-dir "
-                         f"a writable directory") from None
+                            "a writable directory") from None
     summary_path = os.path.join(index_dir, "summary.json")
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
     stats = {t: os.stat(t) for t in tars}
@@ -238,8 +235,7 @@ class TarSource:
         except DECODE_ERRORS:
             return None, None
 
-    def caption_set(self):
-        return None  # open-ended: each example's caption is encoded when it is drawn
+    caption_set = FolderSource.caption_set  # open-ended too
 
     def fingerprint(self):
         summary = json.load(open(os.path.join(self.index_dir, "summary.json")))
@@ -252,8 +248,9 @@ def _files(root):
     return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
 
 
-def open_source(data: str, seed: int = 0, index_dir=None):
-    """--data PATH -> a source: "shapes", a folder, a .tar file, or a folder/glob of .tar files."""
+def open_source(data: str, seed: int = 0, index_dir=None, flag="--data"):
+    """--data PATH -> a source: "shapes", a folder, a .tar file, or a folder/glob of .tar files;
+    one whose first images cannot be read is refused here, before a run writes anything."""
     if data == "shapes":
         return ShapesSource(seed)
     tars = (sorted(glob.glob(data)) if any(c in data for c in "*?[") else [data] if data.endswith(".tar")
@@ -261,18 +258,26 @@ def open_source(data: str, seed: int = 0, index_dir=None):
     if tars:
         source = TarSource(tars, index_dir)
     elif os.path.isdir(data):
-        items = []
-        for path in _files(data):
-            stem, ext = os.path.splitext(path)
-            if ext.lower() in IMAGE_EXTS and os.path.exists(stem + ".txt"):
-                items.append((path, stem + ".txt"))
-        source = FolderSource(items)
+        pairs = [(p, os.path.splitext(p)[0] + ".txt") for p in _files(data) if os.path.splitext(p)[1].lower() in IMAGE_EXTS]
+        source = FolderSource([(p, txt) for p, txt in pairs if os.path.exists(txt)])
     else:
-        raise FileNotFoundError(f"--data {data!r}: not 'shapes', a folder of images with .txt "
-                                f"captions, or .tar shards")
+        raise FileNotFoundError(f"{flag} {data!r}: not 'shapes', a folder of images with .txt captions, or .tar shards")
     if not len(source):
-        raise FileNotFoundError(f"--data {data!r}: no image with a same-named .txt caption found")
+        raise FileNotFoundError(f"{flag} {data!r}: no image with a same-named .txt caption found")
+    next_readable(source, 0, f"{flag} {data!r}")
     return source
+
+
+def next_readable(source, i, where="--data"):
+    """-> (image, caption, skipped): the first readable example from i in index order (the fixed
+    replacement rule), after `skipped` unreadable ones; more than MAX_SKIPPED in a row: a fault."""
+    for skipped in range(min(MAX_SKIPPED + 1, len(source))):
+        img, caption = source.load((i + skipped) % len(source))
+        if img is not None:
+            return img, caption, skipped
+    what = f"its {len(source)} images" if len(source) <= MAX_SKIPPED else f"{MAX_SKIPPED + 1} images in a row"
+    raise cli.UserError(f"{where}: none of {what} can be read (the first: {source.name(i)}): check that they are "
+                        "images with UTF-8 .txt captions; replace or remove them")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,8 +287,11 @@ def open_source(data: str, seed: int = 0, index_dir=None):
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB; an image with transparency (RGBA, LA, a palette with a transparent colour) is
     composited on white, not left as whatever colour lies under its alpha.
-    paper: not specified; white, the usual background of transparent product and clip-art images."""
+    paper: not specified; white, the usual background of transparent product and clip-art images.
+    16-bit grey (PNG's I;16, or I) keeps its top 8 bits: convert() would clip it at 255, to white."""
     img.load()
+    if img.mode.startswith("I"):
+        img = Image.fromarray((np.asarray(img).clip(0, 65535) >> 8).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         img = img.convert("RGBA")
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -348,12 +356,7 @@ class _Example:
 
     def __call__(self, k):
         i = int(self.order[stream_index(k, self.batch, self.process_index, self.process_count)])
-        for skipped in range(101):  # the fixed replacement rule: the next example in index order
-            img, caption = self.source.load((i + skipped) % len(self.source))
-            if img is not None:
-                break
-        else:
-            raise RuntimeError(f"100 unreadable images in a row from example {i}: check --data")
+        img, caption, skipped = next_readable(self.source, i)
         tried, i = i, (i + skipped) % len(self.source)
         x0, low = preprocess(img, self.stage, np.random.default_rng([self.seed, i, k + 1]))
         out = {"image": x0, "caption": caption, "index": i, "tried": tried, "skipped": skipped}
@@ -361,8 +364,7 @@ class _Example:
 
 
 def _stack(examples):
-    return {k: [e[k] for e in examples] if k == "caption" else np.stack([e[k] for e in examples])
-            for k in examples[0]}
+    return {k: [e[k] for e in examples] if k == "caption" else np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
 def host_stream(source, stage, batch: int, position: int, seed: int, process_index: int = 0,
@@ -373,9 +375,7 @@ def host_stream(source, stage, batch: int, position: int, seed: int, process_ind
     batch moves the position on by `batch`. workers > 0: decoding in that many processes;
     else in 2 threads of this one (prefetch=False: none, for a single batch)."""
     order = grain.MapDataset.range(len(source))
-    if source.kind != "shapes":
-        order = order.shuffle(seed)
-    order = order.repeat()  # each epoch shuffled anew
+    order = (order if source.kind == "shapes" else order.shuffle(seed)).repeat()  # each epoch shuffled anew
     ds = grain.MapDataset.range(position, sys.maxsize).map(
         _Example(source, order, stage, batch, process_index, process_count, seed))
     threads = 1 if workers else 2 if prefetch else 0
@@ -434,9 +434,8 @@ def main(argv=None):
     stream = host_stream(source, stage, a.batch_size, 0, 0, workers=a.data_workers)
     next(stream)  # the workers' start-up and the first batch
     first = time.time() - t - startup
-    t, skipped = time.time(), 0
-    for _ in range(a.batches):
-        skipped += int(next(stream)["skipped"].sum())
+    t = time.time()
+    skipped = sum(int(next(stream)["skipped"].sum()) for _ in range(a.batches))
     dt = time.time() - t
     stream.close()
     rec = {"examples": len(source), "stage": a.stage, "side": stage.train_side, "workers": a.data_workers,

@@ -376,6 +376,7 @@ def main(workdir="runs/demo", stage_configs=None, tcfgs=None, sampling=None, n_e
     back the training step of the 32->64 stage (the same network on the same crops: the same
     program) instead of compiling it again, and a resumed run skips its compiles.
     text_encoder: another encoder than the preset's (a name in encoders/, random:NAME, a directory)."""
+    command_line.check_folder(workdir, "--workdir")
     if keep_compiled:
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(workdir, "compiled")))
     stage_configs = stage_configs or {k: imagen.with_backend(v, imagen.backend()) for k, v in imagen.PRESETS["demo"].items()}

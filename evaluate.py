@@ -21,7 +21,8 @@ FID above 256x256 is refused: the paper reports none, and Inception would take 1
 without antialiasing. Writes OUT/<stage>_w<guidance>_<key>/NNNNN.png, key a digest of
 everything that decides the images (settings.json inside: checkpoint steps, prompts, settings,
 seed, batch size; existing images of the same key are kept: an interrupted run resumes; any
-change gives a new folder), OUT/metrics.json, OUT/pareto.png and OUT/report.md; the reference
+change gives a new folder), OUT/metrics.json, OUT/pareto.png and OUT/report.md (another
+evaluation's, found there, are kept as metrics.N.json, pareto.N.png, report.N.md); the reference
 statistics go to --stats-cache (shared by every run).
 """
 
@@ -176,17 +177,34 @@ def curve(record):
     return [(r["clip_score"], r["fid"], f"w={r['guidance']:g}") for r in record["rows"]]
 
 
+def read_metrics(path):
+    """An evaluate.py metrics.json, its rows checked (at least one, each with its guidance, FID,
+    CLIP score or null and sample count); anything else is refused, naming the file."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        rows = record["rows"]
+        if not isinstance(rows, list) or not rows:
+            raise ValueError("no rows of results")
+        for r in rows:
+            if not (isinstance(r, dict) and number(r["guidance"]) and number(r["fid"]) and number(r["num"])
+                    and (r.get("clip_score") is None or number(r["clip_score"]))):
+                raise ValueError(f"a row that is not a result: {json.dumps(r)[:60]}")
+        if not isinstance(record.get("checkpoints", {}), dict):
+            raise ValueError("checkpoints is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise cli.UserError(f"{path} is not an evaluate.py metrics.json ({type(e).__name__}: {e})") from None
+    return record
+
+
 def compare(paths, out):
     """pareto.png of several runs' metrics.json, one curve each (e.g. two checkpoints, two
     ablations), into OUT/pareto_compare.png."""
     curves = {}
     for p in paths:
-        try:
-            with open(p) as f:
-                record = json.load(f)
-            rows = record["rows"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise cli.UserError(f"{p} is not an evaluate.py metrics.json ({type(e).__name__}: {e})") from None
+        record = read_metrics(p)
+        rows = record["rows"]
         if any(r.get("clip_score") is None for r in rows):
             raise cli.UserError(f"{p} has no CLIP scores: run its evaluation again with --clip DIR")
         steps = ", ".join(f"{k} {v}" for k, v in record.get("checkpoints", {}).items())
@@ -197,6 +215,31 @@ def compare(paths, out):
     pareto_plot(curves, path)
     print(f"wrote {path}: {len(curves)} curves")
     return path
+
+
+RESULTS = ("metrics.json", "report.md", "pareto.png")  # one evaluation's files in OUT, written together
+
+
+def keep_previous(out, record):
+    """Before a run's results are written to OUT: another evaluation's files there (any result
+    but the sampling times differs) are renamed metrics.N.json, report.N.md, pareto.N.png, N the
+    first number free, so that none is lost and no plot is left beside results it does not
+    show; -> the names they were given ([]: OUT held none, or these same results)."""
+    present = [n for n in RESULTS if os.path.exists(os.path.join(out, n))]
+    strip = lambda r: {**r, "rows": [{k: v for k, v in row.items() if k != "sample_s"} for row in r["rows"]]}
+    try:
+        with open(os.path.join(out, "metrics.json")) as f:
+            if strip(json.load(f)) == strip(json.loads(json.dumps(record))):
+                return []  # the same evaluation again (a resumed run): replacing it loses nothing
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # none, or not a record: whatever is there is kept
+    name = lambda m, n: f"{os.path.splitext(m)[0]}.{n}{os.path.splitext(m)[1]}"
+    n = 1
+    while any(os.path.exists(os.path.join(out, name(m, n))) for m in RESULTS):
+        n += 1
+    for m in present:
+        os.replace(os.path.join(out, m), os.path.join(out, name(m, n)))
+    return [name(m, n) for m in present]
 
 
 def parse_args(argv):
@@ -291,7 +334,8 @@ def run(a):
         raise cli.UserError(f"--sweep-stage {sweep_stage}: the cascade evaluated has {len(stages)} stage(s)")
     prompts, caption_ids = coco_captions(a.coco, num, a.seed)
     ref = metrics.reference_statistics(extractor, coco_images(a.coco), side,
-                                       a.stats_cache or os.path.join(os.path.dirname(a.inception) or ".", "fid_stats"))
+                                       a.stats_cache or os.path.join(os.path.dirname(a.inception) or ".", "fid_stats"),
+                                       fix=metrics.REREAD["coco"])
     named = imagen.SAMPLING[SAMPLING]
     base = [named.get(s.config.name, imagen.default_sampling(s.config)) for s in stages]
     what = proto.figure + (f"; changed: {json.dumps(changed)}" if changed else "")
@@ -319,6 +363,9 @@ def run(a):
               "inception": a.inception, "inception_sha256": extractor.sha256, "clip": a.clip,
               "clip_convention": a.clip_convention, "clip_sha256": metrics.clip_files_sha256(a.clip) if clip else None,
               "versions": metrics.versions(), "rows": rows}
+    kept = keep_previous(out, record)
+    if kept:
+        print(f"{out} held another evaluation's results: kept as {', '.join(kept)}")
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(record, f, indent=1)
     if clip:

@@ -15,6 +15,7 @@ What each setting is, and where it lives:
 ours, the resolution and the FLOPs of one forward pass at batch 1.
 """
 
+import argparse
 import dataclasses
 import functools
 import json
@@ -26,6 +27,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+import cli
 import diffusion
 import sharding
 import t5_encoder
@@ -302,9 +304,9 @@ def stage_from_dict(d: dict) -> StageConfig:
 def check_text_width(stages, encoder):
     for s in stages:
         if s.config.unet.text_dim != encoder.cfg.d_model:
-            raise ValueError(f"the {s.config.name} stage was trained on text of width "
-                             f"{s.config.unet.text_dim}, the text encoder gives {encoder.cfg.d_model}: "
-                             f"use the encoder it was trained with ({s.config.text_encoder!r})")
+            raise cli.UserError(f"the {s.config.name} stage was trained on text of width "
+                                f"{s.config.unet.text_dim}, the text encoder gives {encoder.cfg.d_model}: "
+                                f"use the encoder it was trained with ({s.config.text_encoder!r})")
 
 
 SAMPLE_CHUNK = 16  # sampling steps per compiled call: Ctrl-C waits for at most this many
@@ -354,20 +356,31 @@ def to_uint8(x):
     return np.asarray(jnp.round((x + 1) * 127.5), np.uint8)
 
 
+def encode_prompts(encoder, tokenizer, prompts, text_length):
+    """Prompts -> the conditioning every stage samples with: (txt (B, L, D) float32, mask (B, L)
+    bool). An empty or whitespace-only prompt is the unconditional one: training's null condition
+    (diffusion.drop_text: zero embeddings, no text tokens), which guidance's unconditional pass
+    also uses, not the encoding of an end-of-sequence token."""
+    txt_BLD, mask_BL = t5_encoder.encode(encoder, tokenizer, list(prompts), text_length, warn=False)
+    null_B = jnp.asarray([not p.strip() for p in prompts])
+    return diffusion.drop_text(txt_BLD, jnp.asarray(mask_BL), null_B)
+
+
 def generate(stages, encoder, tokenizer, prompts, settings, seed=0, batch_size=8, text_length=None,
              progress=False, first_batch=0, lowres=None, callback=None):
     """Prompts -> uint8 images (N, side, side, 3) through the given stages (1, 2 or 3).
     lowres: uint8 images (N, h, w, 3) the first stage upsamples, when it is a super-resolution
     stage (the outputs of a base sampled before, or real low-resolution images).
 
-    The prompts are encoded once per batch and the embeddings reused by every stage (§2).
+    The prompts are encoded once per batch and the embeddings reused by every stage (§2); an
+    empty or whitespace-only prompt is unconditional (encode_prompts).
     settings: one SampleSettings per stage. Batch b of stage s draws its noise from
     fold_in(fold_in(PRNGKey(seed), first_batch + b), s): the same seed and batch size give the
     same images, also when a long list is generated a part at a time. progress: a tqdm bar over
     the batches; callback: called after each batch with {"batch": b, "batches": n}."""
     check_text_width(stages, encoder)
     text_length = text_length or stages[0].config.text_length
-    t5_encoder.warn_if_cut(tokenizer, prompts, text_length)  # the prompts given, not the padded batch
+    t5_encoder.warn_if_cut(tokenizer, prompts, text_length, plain=True)  # those given, not the padded batch
     # data-parallel over every device when the batch splits evenly (the weights replicated)
     mesh = sharding.make_mesh()
     split = mesh.size > 1 and batch_size % mesh.size == 0
@@ -381,8 +394,7 @@ def generate(stages, encoder, tokenizer, prompts, settings, seed=0, batch_size=8
         chunk = list(prompts[start:start + batch_size])
         n = len(chunk)
         chunk += [""] * (batch_size - n)  # pad the last batch: one compiled shape per stage
-        txt_BLD, mask_BL = t5_encoder.encode(encoder, tokenizer, chunk, text_length, warn=False)
-        mask_BL = jnp.asarray(mask_BL)
+        txt_BLD, mask_BL = encode_prompts(encoder, tokenizer, chunk, text_length)
         if split:
             txt_BLD, mask_BL = jax.device_put((txt_BLD, mask_BL), jax.sharding.NamedSharding(mesh, sharding.BATCH))
         x = None
@@ -398,7 +410,8 @@ def generate(stages, encoder, tokenizer, prompts, settings, seed=0, batch_size=8
     return np.concatenate(out)
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     print(f"{'stage':6s} {'paper section':15s} {'paper params':>12s} {'ours':>8s} {'diff':>7s} "
           f"{'resolution':>14s} {'GFLOPs/fwd (B=1)':>17s}")
     for name, stage in PRESETS["paper"].items():

@@ -32,9 +32,10 @@ DOWNLOADS = {
 
 
 def missing(what, path):
-    name = {"inception": "the Inception-v3 weights", "clip": "the CLIP model", "coco": "COCO 2014 val"}[what]
-    return cli.UserError(f"{path} is missing: {name} are read from local files (nothing downloads at run "
-                         f"time). Get them once, on a machine with network:\n  {DOWNLOADS[what]}")
+    name = {"inception": "the Inception-v3 weights are", "clip": "the CLIP model is", "coco": "COCO 2014 val is"}[what]
+    return cli.UserError(f"{path} is missing: {name} read from local files (nothing downloads at run "
+                         f"time). Get {'them' if what == 'inception' else 'it'} once, on a machine with network:\n"
+                         f"  {DOWNLOADS[what]}")
 
 
 def device():
@@ -74,8 +75,23 @@ def to_side(img: Image.Image, side: int) -> np.ndarray:
     return np.asarray(data.center_crop(data.to_rgb(img), side), np.uint8)
 
 
-def read_images(paths, side):
-    return np.stack([to_side(Image.open(p), side) for p in paths])
+# what to do about an image that cannot be read, by whose it is
+REREAD = {"coco": "a reference image is never skipped (the FID's reference set would change): unzip "
+                  f"val2014.zip again, or download it again:\n  {DOWNLOADS['coco']}",
+          "sample": "delete it and run the same command again (missing samples are drawn again)"}
+
+
+def read_images(paths, side, fix=REREAD["sample"]):
+    """The images at `paths` through the pipeline, uint8 (N, side, side, 3); a file that cannot be
+    decoded (empty, cut short, not an image) stops with its path and `fix`, what to do about it."""
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as img:
+                out.append(to_side(img, side))
+        except (OSError, SyntaxError, ValueError) as e:  # Pillow: UnidentifiedImageError, "Truncated File Read", ...
+            raise cli.UserError(f"{p} cannot be read as an image ({type(e).__name__}: {str(e)[:120]}): {fix}") from None
+    return np.stack(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,12 +171,13 @@ def fid(stats_a, stats_b) -> float:
     return float(fid_statistics_to_metric(stats_a, stats_b, False)[KEY_METRIC_FID])
 
 
-def reference_statistics(extractor, paths, side, cache_dir):
+def reference_statistics(extractor, paths, side, cache_dir, fix=REREAD["coco"]):
     """FID statistics of the reference images, computed once and kept in cache_dir for every later
     run. The key is everything that decides them: the image set (names and sizes), the side, the
     pipeline, the Inception file's SHA-256 and the versions of torch, torch-fidelity and Pillow.
     Each .npz has its SHA-256 in a .json beside it; a file that no longer matches is computed
-    again, with a warning."""
+    again, with a warning. An image that cannot be read stops the run with its path and `fix`
+    (read_images): skipping it would change the reference set."""
     v = versions()
     record = {"images_sha256": hashlib.sha256(json.dumps([[os.path.basename(p), os.path.getsize(p)]
                                                           for p in paths]).encode()).hexdigest(),
@@ -175,7 +192,7 @@ def reference_statistics(extractor, paths, side, cache_dir):
             z = np.load(path)
             return {"mu": z["mu"], "sigma": z["sigma"], "key": key}
         print(f"warning: {path} does not match its recorded SHA-256 (damaged?): computing it again", file=sys.stderr)
-    feats = [inception_features(extractor, read_images(paths[i:i + 256], side))
+    feats = [inception_features(extractor, read_images(paths[i:i + 256], side, fix))
              for i in tqdm(range(0, len(paths), 256), desc="reference images", unit="batch")]
     import torch  # noqa: PLC0415
     stats = fid_statistics(torch.cat(feats))
@@ -203,11 +220,30 @@ CLIP_CONVENTIONS = {
 
 
 def load_clip(path):
-    """transformers' CLIP model and processor from a local directory, on device()."""
+    """transformers' CLIP model and processor from a local directory, on device(). A folder that
+    is not a CLIP model (its config.json names another model type, or none) or whose files
+    cannot be read (cut short, missing) is refused with its path and the line that gets CLIP."""
     if not path or not os.path.isdir(path):
         raise missing("clip", path or "--clip")
+    get = f"on a machine with network:\n  {DOWNLOADS['clip']}"
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            kind = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:  # no config.json, not JSON, not an object
+        what = "no config.json" if isinstance(e, FileNotFoundError) else f"config.json: {type(e).__name__}"
+        raise cli.UserError(f"{path} is not a CLIP model folder ({what}): get CLIP once, {get}") from None
+    if kind != "clip":  # transformers would load another model's folder as a CLIP of random weights
+        raise cli.UserError(f"{path} holds a {kind!r} model, not CLIP (its config.json): give --clip a CLIP "
+                            f"folder; get one once, {get}")
+    from safetensors import SafetensorError  # noqa: PLC0415
     from transformers import CLIPModel, CLIPProcessor  # noqa: PLC0415
-    return CLIPModel.from_pretrained(path).eval().to(device()), CLIPProcessor.from_pretrained(path)
+    try:
+        model, processor = CLIPModel.from_pretrained(path), CLIPProcessor.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # cut short, missing, mis-shaped
+        first = (str(e).splitlines() or [""])[0].split(". ")[0][:160]
+        raise cli.UserError(f"{path} is not a whole CLIP model ({type(e).__name__}: {first}): download it "
+                            f"again, {get}") from None
+    return model.eval().to(device()), processor
 
 
 def clip_files_sha256(path):

@@ -78,12 +78,21 @@ def bucket_log_snrs(stage, buckets=HELDOUT_BUCKETS):
 # The held-out set
 # ---------------------------------------------------------------------------------------------
 
+def open_heldout_data(workdir, heldout_spec, index_dir=None):
+    """--heldout-data opened, and so checked, before a run writes anything; None where none is
+    given or WORKDIR/heldout.npz holds the held-out set already (a resumed run reads only that)."""
+    if heldout_spec and not os.path.exists(os.path.join(workdir, "heldout.npz")):
+        return data.open_source(heldout_spec, index_dir=index_dir, flag="--heldout-data")
+    return None
+
+
 def heldout_examples(data_spec, heldout_spec=None, n=HELDOUT_SIZE, side=128):
     """[(PIL image, caption)] never trained on: the first n readable examples of heldout_spec (a
-    dataset like --data: a folder, .tar shards), else for the shapes dataset its held-out
-    captions (shapes.is_heldout); None for another dataset without a held-out one."""
+    dataset like --data: a folder, .tar shards; or its open_heldout_data source), else for the
+    shapes dataset its held-out captions (shapes.is_heldout); None for another dataset without
+    a held-out one."""
     if heldout_spec:
-        source = data.open_source(heldout_spec)
+        source = heldout_spec if hasattr(heldout_spec, "load") else data.open_source(heldout_spec, flag="--heldout-data")
         pairs = (source.load(i) for i in range(len(source)))
         return list(itertools.islice(((img, cap) for img, cap in pairs if img is not None), n))
     if data_spec == "shapes":

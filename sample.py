@@ -11,7 +11,8 @@ else a new WORKDIR/samples/NNN. Settings come from a named set of imagen.SAMPLIN
 (--sampling; default: "paper-best" for a cascade of the paper presets, the paper's "best
 samples": guidance 5, aug level 0.3, dynamic thresholding p = 99.5, App. D.2, Figs. A.10-A.12;
 "demo" for the demo cascade), then the flags below; "coco-fid" is Table 1's w = 1.35 (base) /
-8.0 (super-resolution) with aug level 0.
+8.0 (super-resolution) with aug level 0. --settings takes the prompts, seed, batch size,
+stages and settings it records: a flag that would change them is refused.
 Saharia et al. 2022, §2 (the cascade), §2.2 (guidance), §2.3 (thresholding), §2.4 (aug level).
 """
 
@@ -67,10 +68,12 @@ def sweep_arg(text):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompts", nargs="*", help="text prompts (the empty string is unconditional)")
-    p.add_argument("--workdir", default="runs/demo", help="holds base/, sr1/, sr2/ from train.py")
+    p.add_argument("prompts", nargs="*", help='text prompts ("" or a blank one is unconditional: the null '
+                   'condition classifier-free guidance samples without text)')
+    p.add_argument("--workdir", default=None, help="holds base/, sr1/, sr2/ from train.py (default: runs/demo; "
+                   "with --settings, the one it records)")
     p.add_argument("--out", default=None, help="an empty or new folder (default: WORKDIR/samples/NNN, the next number)")
-    p.add_argument("--seed", type=cli.seed, default=0)
+    p.add_argument("--seed", type=cli.seed, default=None, help="default: 0")
     p.add_argument("--stages", type=int, choices=[1, 2, 3], default=None,
                    help="how many stages to run (default: those of --sampling: 3, or 2 for coco-fid)")
     p.add_argument("--sampling", choices=list(imagen.SAMPLING), default=None,
@@ -83,19 +86,39 @@ def parse_args(argv):
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
     p.add_argument("--steps", type=cli.per_stage(cli.positive_int), default=None,
                    help="steps, one value or one per stage: 100,50,50")
-    p.add_argument("--batch-size", type=cli.positive_int, default=8)
-    p.add_argument("--prompts", dest="prompt_set", choices=["drawbench"], default=None)
+    p.add_argument("--batch-size", type=cli.positive_int, default=None,
+                   help="prompts per batch (default: 8); the images depend on it with the seed")
+    p.add_argument("--prompts", dest="prompt_set", choices=["drawbench"], default=None,
+                   help="a prompt set, instead of prompts on the command line")
     p.add_argument("--sweep", type=sweep_arg, default=None,
                    help="guidance=1,3,5,7 | aug_level=0,0.3,0.6 | steps=10,50 | threshold=none,static,dynamic")
-    p.add_argument("--settings", default=None, help="settings.json of an earlier run: reproduce it")
+    p.add_argument("--settings", default=None, help="settings.json of an earlier run: reproduce it, with the "
+                   "prompts, seed, batch size, stages and settings it records (give none of these)")
     args = p.parse_args(argv)
     for prompt in args.prompts:  # a command line's undecodable bytes arrive as lone surrogates
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError:
             p.error(f"prompt {prompt.encode('utf-8', 'surrogateescape')[:60]!r} is not UTF-8 text")
-    if args.settings is None and not args.prompts and not args.prompt_set:
+    if args.settings is not None:  # reproduces what it records: a flag that changes it is refused
+        given = [flag for flag, value in (
+            ("the prompts", args.prompts), ("--prompts", args.prompt_set), ("--seed", args.seed),
+            ("--batch-size", args.batch_size), ("--stages", args.stages), ("--sampling", args.sampling),
+            ("--guidance", args.guidance), ("--aug-level", args.aug_level), ("--threshold", args.threshold),
+            ("--sampler", args.sampler), ("--steps", args.steps)) if value not in (None, [])]
+        if given:
+            p.error(f"--settings reproduces the run it records (its prompts, seed, batch size, stages and "
+                    f"settings): drop {', '.join(given)} (or leave --settings out and give every flag)")
+        return args
+    if args.prompts and args.prompt_set:
+        shown = ", ".join(map(repr, args.prompts))
+        p.error(f"--prompts {args.prompt_set} and prompts on the command line ({shown[:60]}"
+                f"{'...' if len(shown) > 60 else ''}): give one or the other")
+    if not args.prompts and not args.prompt_set:
         p.error('give one or more prompts ("a red circle"; "" is unconditional) or --prompts drawbench')
+    args.workdir = args.workdir or "runs/demo"
+    args.seed = 0 if args.seed is None else args.seed
+    args.batch_size = args.batch_size or 8
     named = imagen.SAMPLING[args.sampling] if args.sampling else None
     args.stages = args.stages or (len(named) if named else 3)
     if named and args.stages > len(named):
@@ -210,9 +233,9 @@ def read_settings(path):
 def run(args):
     steps = None
     if args.settings:  # reproduce an earlier run exactly: its prompts, seed, checkpoints, settings
-        args.prompts, args.seed, args.batch_size, args.workdir, steps, saved_settings = read_settings(args.settings)
-        args.stages = len(steps)
-    checkpoints.check_cascade(args.workdir, args.stages)  # before anything is written there
+        args.prompts, args.seed, args.batch_size, workdir, steps, saved_settings = read_settings(args.settings)
+        args.workdir, args.stages = args.workdir or workdir, len(steps)  # --workdir: where it is now
+    checkpoints.check_cascade(args.workdir, args.stages, steps)  # before anything is written there
     out = output_dir(args)
     stages = checkpoints.load_cascade(args.workdir, args.stages, steps)
     settings = saved_settings if args.settings else resolve_settings(args, stages)

@@ -16,11 +16,13 @@ the config. Weights are read with safetensors' numpy loader, one tensor at a tim
 into an abstract (unallocated) model, so T5-XXL never exists twice in host memory.
 """
 
+import argparse
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import sys
 import warnings
 
 import jax
@@ -372,20 +374,26 @@ def tokenize(tokenizer, texts, max_length: int = MAX_LENGTH):
     return tok["input_ids"].astype(np.int32), tok["attention_mask"].astype(bool)
 
 
-def warn_if_cut(tokenizer, texts, max_length: int = MAX_LENGTH, stacklevel: int = 3):
-    """One warning naming how many of `texts` are longer than max_length tokens (they are cut)."""
+def warn_if_cut(tokenizer, texts, max_length: int = MAX_LENGTH, stacklevel: int = 3, plain: bool = False):
+    """One warning naming how many of `texts` are longer than max_length tokens (they are cut):
+    a Python UserWarning, or (plain: for a command line's user) one `warning: ...` line on stderr."""
     full = tokenizer(list(texts))["input_ids"]
     cut = [t for t, ids in zip(texts, full) if len(ids) > max_length]
     if cut:
-        warnings.warn(f"{len(cut)} of {len(texts)} prompts are longer than {max_length} tokens "
-                      f"and were cut, e.g. {cut[0][:60]!r}...", stacklevel=stacklevel)
+        message = (f"{len(cut)} of {len(texts)} prompts are longer than {max_length} tokens "
+                   f"and were cut, e.g. {cut[0][:60]!r}...")
+        if plain:
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            warnings.warn(message, stacklevel=stacklevel)
 
 
 def encode(encoder, tokenizer, texts, max_length: int = MAX_LENGTH, warn: bool = True):
     """Prompts -> (emb (B, L, D) float32, mask (B, L) bool), padded or cut to L = max_length.
 
     §2.1: the encoder's last hidden states are the text embeddings. Padded positions are zero
-    (and masked). The empty string is a valid prompt (it is just the end-of-sequence token);
+    (and masked). The empty string is a valid prompt (it is just the end-of-sequence token;
+    imagen.encode_prompts turns it into the unconditional null condition for sampling);
     prompts longer than max_length tokens are cut, with one warning per call (warn=False: the
     caller has warned).
     """
@@ -400,7 +408,8 @@ def encode(encoder, tokenizer, texts, max_length: int = MAX_LENGTH, warn: bool =
 
 
 if __name__ == "__main__":
-    # Parameter counts of the public T5 v1.1 encoders (nothing is allocated).
+    argparse.ArgumentParser(description=__doc__.splitlines()[0] + " Run as a script, it prints the parameter "
+                            "counts of the public T5 v1.1 encoders (nothing is allocated).").parse_args()
     for name, cfg in T5_PRESETS.items():
         n = count_t5_params(cfg)
         emb = cfg.vocab_size * cfg.d_model

@@ -25,6 +25,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import types
+import warnings
 
 # 8 emulated CPU devices; XLA's slow optimisation passes off: the tests' tiny programs spend far
 # longer compiling than running
@@ -45,6 +47,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 from PIL import Image  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 import bench  # noqa: E402
 import cli  # noqa: E402
@@ -2162,3 +2165,524 @@ def test_demo_asks_for_one_cpu_device_per_core(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     cli.use_every_core()  # a device count already asked for is kept
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+
+
+# =============================================================================================
+# train.py, its data and its text cache: faults
+#
+# Each is one `error:` line that says what to do, found before the run writes to its workdir.
+# =============================================================================================
+
+
+def _unreadable_folder(path, n=3, good=0):
+    """n captioned images, the first `good` of them readable, the rest zero-byte files."""
+    path.mkdir()
+    for i in range(n):
+        if i < good:
+            shapes.make_example(0, i, 16)[0].save(path / f"{i:04d}.jpg")
+        else:
+            (path / f"{i:04d}.jpg").write_bytes(b"")
+        (path / f"{i:04d}.txt").write_text("a red circle")
+    return path
+
+
+def _train_cli(*args):
+    """train.main's exit message: these faults stop it before any network is built."""
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stage", "base", "--steps", "1", "--batch-size", "8", *args])
+    return str(e.value.code)
+
+
+def test_unreadable_data_is_one_line_and_writes_nothing(tmp_path):
+    bad = _unreadable_folder(tmp_path / "bad")
+    msg = _train_cli("--data", str(bad), "--workdir", str(tmp_path / "w"))
+    assert msg.startswith(f"error: --data '{bad}': none of its 3 images can be read (the first: {bad}/0000.jpg)")
+    assert "replace or remove them" in msg and "\n" not in msg
+    assert not (tmp_path / "w").exists()  # no .lock, checkpoints/ or tensorboard/
+    # 101 unreadable in a row after a readable first one: refused as the stream meets them,
+    # through Grain's threads, naming the first of them
+    src = data.open_source(str(_unreadable_folder(tmp_path / "run", 103, good=1)))
+    with pytest.raises(cli.UserError, match=r"none of 101 images in a row can be read \(the first: .*run/0001\.jpg\)"):
+        data.next_readable(src, 1)
+    with pytest.raises(cli.UserError, match="none of 101 images in a row can be read"):
+        next(data.host_stream(src, TINY_STAGES["base"], len(src), 0, 0))
+
+
+def test_a_file_given_as_a_folder_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "open_source", lambda *a, **k: pytest.fail("should not get this far"))
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert _train_cli("--workdir", str(afile)) == f"error: --workdir {afile} is a file: give a folder"
+    assert _train_cli("--workdir", str(afile / "base")) == f"error: --workdir {afile}/base: {afile} is a file: give a folder"
+    msg = _train_cli("--workdir", str(tmp_path / "w"), "--text-cache", str(afile))
+    assert msg == f"error: --text-cache {afile} is a file: give a folder" and not (tmp_path / "w").exists()
+    with pytest.raises(SystemExit, match=f"error: --workdir {afile} is a file: give a folder"):
+        cli.run(demo.cli, ["--workdir", str(afile)])
+
+
+def test_heldout_data_faults_name_their_flag_and_write_nothing(tmp_path):
+    w = tmp_path / "w"
+    missing = tmp_path / "nonexist"
+    msg = _train_cli("--workdir", str(w), "--heldout-data", str(missing), "--eval-every", "1")
+    assert msg.startswith(f"error: --heldout-data '{missing}': not 'shapes'") and not w.exists()
+    bad = _unreadable_folder(tmp_path / "bad")
+    msg = _train_cli("--workdir", str(w), "--heldout-data", str(bad), "--eval-every", "1")
+    assert msg.startswith(f"error: --heldout-data '{bad}': none of its 3 images can be read") and not w.exists()
+    # a resumed run reads its held-out set from WORKDIR/heldout.npz: the folder is not needed again
+    w.mkdir()
+    (w / "heldout.npz").write_bytes(b"")
+    assert monitor.open_heldout_data(str(w), str(missing)) is None
+
+
+def test_damaged_text_cache_files_are_named_when_it_is_opened(tiny_t5_dir, tmp_path, shard_dir):
+    enc, tok = T5.load_t5(tiny_t5_dir, dtype=jnp.float32)
+    src = data.open_source(shard_dir)
+    kw = dict(encoder_name="tiny", max_length=64, chunk=4, progress=False)
+    good = text_cache.build_text_cache(enc, tok, src, str(tmp_path / "good"), **kw)
+    want = text_cache.TextCache(good)[np.arange(24)]
+
+    def damaged(name):
+        out = tmp_path / name
+        shutil.copytree(good, out, dirs_exist_ok=True)
+        with open(out / name, "r+b") as f:  # cut to half its size
+            f.truncate((out / name).stat().st_size // 2)
+        return str(out)
+
+    for name in ("meta.json", "done_000.json"):  # a JSONDecodeError before
+        with pytest.raises(cli.UserError, match=rf"{name} is damaged \(.*\): delete "):
+            text_cache.TextCache.complete(damaged(name))
+    with pytest.raises(cli.UserError, match=r"meta.json is damaged .*: delete .*meta.json to build the cache again"):
+        text_cache.build_text_cache(enc, tok, src, str(tmp_path / "meta.json"), **kw)
+    for name in ("rows_000.npy", "emb_000.bin"):  # a ValueError (mmap), or a wrong shape steps later
+        with pytest.raises(cli.UserError, match=rf"{name} is damaged .*: delete .*done_000.json to encode that share again"):
+            text_cache.TextCache(damaged(name))
+    # doing what the message says rebuilds that share: the same embeddings
+    os.remove(tmp_path / "emb_000.bin" / "done_000.json")
+    text_cache.build_text_cache(enc, tok, src, str(tmp_path / "emb_000.bin"), **kw)
+    got = text_cache.TextCache(str(tmp_path / "emb_000.bin"))[np.arange(24)]
+    np.testing.assert_array_equal(got[0], want[0])
+    # a half-built cache whose tokens were cut below what done_000.json commits: refused on resume,
+    # not padded with zeros
+    part = tmp_path / "part"
+    shutil.copytree(good, part)
+    (part / "done_000.json").write_text(json.dumps({"done": 8}))
+    rows = np.load(part / "rows_000.npy")
+    with open(part / "emb_000.bin", "r+b") as f:
+        f.truncate(int(rows[7].sum()) * enc.cfg.d_model * 2 - 2)
+    with pytest.raises(cli.UserError, match="emb_000.bin is damaged"):
+        text_cache.build_text_cache(enc, tok, src, str(part), **kw)
+
+
+def test_16_bit_grey_images_are_scaled_to_8_bits(tmp_path):
+    grey = (np.arange(16 * 16).reshape(16, 16) * 257).astype(np.uint16)  # 0 .. 65535
+    Image.fromarray(grey).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a grey ramp")
+    img = Image.open(tmp_path / "a.png")
+    assert img.mode == "I;16"
+    rgb = np.asarray(data.open_source(str(tmp_path)).load(0)[0])
+    assert rgb.shape == (16, 16, 3) and (rgb == (grey // 257)[..., None]).all()  # was 255 almost everywhere
+    wide = np.asarray(data.to_rgb(Image.fromarray(grey.astype(np.int32), "I")))
+    assert (wide == (grey // 257)[..., None]).all()
+
+
+def test_system_errors_are_one_line(tmp_path):
+    def fails(err, *filename):
+        def main(argv):
+            raise OSError(err, os.strerror(err), *filename)
+        with pytest.raises(SystemExit) as e:
+            cli.run(main, [])
+        return str(e.value.code)
+
+    assert fails(errno.EROFS, "/runs/base/checkpoints") == (
+        "error: Read-only file system (/runs/base/checkpoints): give a path you may write to and run the same "
+        "command again (what was saved before is kept)")
+    assert fails(errno.EIO).startswith("error: Input/output error: check the disk")
+    assert fails(errno.ENOSPC, "/runs/x").startswith("error: No space left on device writing /runs/x: free space")
+    assert fails(errno.EACCES, "/runs/x") == "error: [Errno 13] Permission denied: '/runs/x'"
+
+
+# =============================================================================================
+# sampling a cascade: faults
+#
+# Stage folders that do not make one cascade, conflicting flags, the unconditional prompt, long
+# prompts, damaged weights, --help: one line each, found before anything is written.
+# =============================================================================================
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cascade_copy(tiny_cascade, dest, folders):
+    """A workdir whose stage folders are copies of the tiny cascade's: {folder: stage it holds}."""
+    for folder, stage in folders.items():
+        shutil.copytree(os.path.join(tiny_cascade, stage), dest / folder)
+    return dest
+
+
+def _edit_stage(stage_dir, **fields):
+    """Change what a stage's checkpoint records of its config (its meta item, plain JSON)."""
+    path = stage_dir / "checkpoints" / "1" / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    meta["stage"].update(fields)
+    path.write_text(json.dumps(meta))
+
+
+def _sample_error(argv):
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    return str(e.value.code)
+
+
+def _script(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=HERE, timeout=600)
+
+
+@CASCADE
+@pytest.mark.parametrize("folders, message", [
+    ({"base": "sr1", "sr1": "base"}, "base holds a stage trained as sr1 (16->32), expected a base stage (no low-res input)"),
+    ({"base": "base", "sr1": "sr2"}, "sr1 holds a stage trained as sr2 (32->64), expected the sr1 stage")])
+def test_stage_folders_in_the_wrong_places_are_refused_before_anything_is_written(tiny_cascade, tmp_path, folders,
+                                                                                   message):
+    work = _cascade_copy(tiny_cascade, tmp_path / "swapped", folders)
+    out = tmp_path / "out"
+    msg = _sample_error(["--workdir", str(work), "--stages", "2", "--steps", "1", "--out", str(out), "a cat"])
+    assert msg.startswith(f"error: {work}/{message}") and "move each stage's folder" in msg, msg
+    assert "\n" not in msg and not out.exists() and not (work / "samples").exists()
+    with pytest.raises(cli.UserError, match=re.escape(message)):  # from Python too
+        checkpoints.load_cascade(str(work), 2)
+
+
+@CASCADE
+def test_a_stage_that_does_not_upsample_the_previous_one_is_refused(tiny_cascade, tmp_path):
+    work = _cascade_copy(tiny_cascade, tmp_path / "w", {"base": "base", "sr1": "sr1"})
+    _edit_stage(work / "sr1", lowres_side=8, side=16)
+    msg = _sample_error(["--workdir", str(work), "--stages", "2", "--out", str(tmp_path / "o"), "a cat"])
+    assert msg == (f"error: {work}/sr1 holds a stage trained as sr1 (8->16), expected one that upsamples the base "
+                   "stage's 16x16 images: train the stages with one --preset, or sample with --stages 1")
+    assert not (tmp_path / "o").exists()
+
+
+@CASCADE
+def test_stages_trained_on_other_text_encoders_are_refused(tiny_cascade, tmp_path):
+    work = _cascade_copy(tiny_cascade, tmp_path / "w", {"base": "base", "sr1": "sr1"})
+    _edit_stage(work / "sr1", text_encoder="t5-wordnet-base")
+    msg = _sample_error(["--workdir", str(work), "--stages", "2", "--out", str(tmp_path / "o"), "a cat"])
+    assert msg.startswith(f"error: {work}/sr1 was trained on the text encoder 't5-wordnet-base', {work}/base on "
+                          f"{imagen.DEMO_TEXT_ENCODER!r}: the cascade conditions every stage on one encoding")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(cli.UserError, match="one encoding of the prompt"):
+        checkpoints.load_cascade(str(work), 2)
+    # one encoder spelt two ways is one encoder
+    _edit_stage(work / "sr1", text_encoder="whitened:" + os.path.join(text_encoders.ENCODERS_DIR, "t5-wordnet-base/"))
+    assert len(checkpoints.load_cascade(str(work), 2)) == 2
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--settings", "s.json", "--guidance", "9", "--seed", "5", "a blue square"], "drop the prompts, --seed, --guidance"),
+    (["--settings", "s.json", "--batch-size", "4", "--steps", "3", "--stages", "1"], "drop --batch-size, --stages, --steps"),
+    (["--prompts", "drawbench", "a cat"], "--prompts drawbench and prompts on the command line ('a cat')")])
+def test_flags_that_a_settings_file_or_a_prompt_set_would_drop_are_refused(argv, named, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(checkpoints, "load_cascade", lambda *a: pytest.fail("should not get this far"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    assert e.value.code == 2 and named in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+@CASCADE
+def test_settings_reproduce_from_the_workdir_given(tiny_cascade, tmp_path):
+    # --workdir with --settings says where the recorded checkpoints are now (a moved cascade)
+    work = _cascade_copy(tiny_cascade, tmp_path / "w", {"base": "base"})
+    images = sample.main(["--workdir", str(work), "--stages", "1", "--steps", "1", "--out", str(tmp_path / "a"),
+                          "a red circle"])
+    shutil.move(str(work), str(tmp_path / "moved"))
+    again = sample.main(["--settings", str(tmp_path / "a" / "settings.json"), "--workdir", str(tmp_path / "moved"),
+                         "--out", str(tmp_path / "b")])
+    np.testing.assert_array_equal(again, images)
+
+
+@CASCADE
+def test_the_empty_prompt_is_sampled_with_the_null_condition(tiny_cascade, monkeypatch):
+    base = checkpoints.load_cascade(tiny_cascade, 1)[0]
+    enc, tok = text_encoders.load_text_encoder(base.config.text_encoder)
+    L = base.config.text_length
+    prompts = ["", "a red circle", "  \t", "two blue squares"]
+    txt, mask = imagen.encode_prompts(enc, tok, prompts, L)
+    t5_txt, t5_mask = T5.encode(enc, tok, prompts, L, warn=False)
+    null_txt, null_mask = D.drop_text(t5_txt, jnp.asarray(t5_mask), jnp.ones((4,), bool))
+    for i in (0, 2):  # what guidance's unconditional pass gives the network
+        np.testing.assert_array_equal(txt[i], null_txt[i])
+        np.testing.assert_array_equal(mask[i], null_mask[i])
+        assert not mask[i].any() and not np.any(txt[i])
+    for i in (1, 3):  # the others as encoded
+        np.testing.assert_array_equal(txt[i], t5_txt[i])
+        np.testing.assert_array_equal(mask[i], t5_mask[i])
+    seen, real = [], imagen.sample_stage  # and generate samples with it, in a batch mixing both
+    monkeypatch.setattr(imagen, "sample_stage", lambda stage, key, t, m, *a: seen.append((t, m)) or real(stage, key, t, m, *a))
+    imagen.generate([base], enc, tok, ["", "a red circle"], [dataclasses.replace(FAST, steps=1)], batch_size=2)
+    (t, m), = seen
+    assert not np.any(t[0]) and not np.asarray(m[0]).any()
+    np.testing.assert_allclose(t[1], t5_txt[1], atol=1e-4)  # another batch shape: float sums differ
+
+
+@CASCADE
+def test_a_long_prompt_is_one_plain_warning_line(tiny_cascade, capsys):
+    base = checkpoints.load_cascade(tiny_cascade, 1)[0]
+    enc, tok = text_encoders.load_text_encoder(base.config.text_encoder)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        imagen.generate([base], enc, tok, ["x " * 40, "a cat"], [dataclasses.replace(FAST, steps=1)], batch_size=2)
+    assert not [w for w in caught if issubclass(w.category, UserWarning) and "longer than" in str(w.message)]
+    err = capsys.readouterr().err.splitlines()
+    long = [ln for ln in err if "longer than" in ln]
+    assert len(long) == 1 and long[0].startswith(
+        f"warning: 1 of 2 prompts are longer than {base.config.text_length} tokens and were cut, e.g. 'x x x")
+
+
+@CASCADE
+def test_damaged_weights_are_one_warning_and_one_error_line(tiny_cascade, tmp_path):
+    work = _cascade_copy(tiny_cascade, tmp_path / "w", {"base": "base"})
+    one = ["--workdir", str(work), "--stages", "1", "--steps", "1"]
+    sample.main(one + ["--out", str(tmp_path / "a"), "a cat"])
+    for f in (work / "base" / "checkpoints" / "1" / "ema" / "d").iterdir():  # what orbax reads first
+        f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+    r = _script("sample.py", *one, "--out", str(tmp_path / "b"), "a cat")
+    lines = r.stderr.splitlines()
+    assert r.returncode == 1 and len(lines) == 2, r.stderr[-3000:]
+    assert lines[0].startswith(f"warning: checkpoint {work}/base/checkpoints/1 cannot be read (")
+    assert lines[1].startswith(f"error: no checkpoint in {work}/base/checkpoints can be read (steps [1])")
+    # the checkpoint step a settings file names: the same line, not a traceback
+    msg = _sample_error(["--settings", str(tmp_path / "a" / "settings.json"), "--out", str(tmp_path / "c")])
+    assert msg.startswith(f"error: no checkpoint in {work}/base/checkpoints can be read (steps [1])")
+
+
+@CASCADE
+def test_a_text_encoder_of_another_width_is_a_user_error(tiny_cascade, tiny_t5_dir):
+    stages = checkpoints.load_cascade(tiny_cascade, 1)
+    enc, tok = T5.load_t5(tiny_t5_dir, jnp.float32)
+    with pytest.raises(cli.UserError, match="use the encoder it was trained with"):
+        imagen.generate(stages, enc, tok, ["x"], [FAST])
+
+
+@pytest.mark.parametrize("script", ["imagen.py", "t5_encoder.py"])
+def test_help_prints_usage_and_runs_nothing(script):
+    r = _script(script, "--help")
+    assert r.returncode == 0 and r.stdout.startswith(f"usage: {script} [-h]") and "Traceback" not in r.stderr
+    assert "d_model" not in r.stdout and "GFLOPs" not in r.stdout  # what each runs
+    r = _script(script, "--no-such-flag")
+    assert r.returncode == 2 and "unrecognized arguments: --no-such-flag" in r.stderr
+
+
+# =============================================================================================
+# evaluate.py, dry_run.py and pretrain_t5.py: faults
+#
+# One `error:` line naming the file or setting and what to do; nothing saved before is lost.
+# =============================================================================================
+
+
+def _exit(fn, *args):
+    """A command line's exit message (cli.run: one line, exit status 1)."""
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    return str(e.value.code)
+
+
+# =============================================================================================
+# evaluate.py and metrics.py
+# =============================================================================================
+
+def test_an_unreadable_reference_image_is_named_and_never_skipped(tmp_path):
+    images = [np.asarray(shapes.make_example(4, i, 40)[0]) for i in range(3)]
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(str(tmp_path / f"COCO_val2014_{i:012d}.jpg"))
+        Image.fromarray(img).save(paths[-1], quality=95)
+    whole = open(paths[1], "rb").read()
+    fake = types.SimpleNamespace(sha256="0" * 64)  # the images are read before Inception runs
+    for name, cut in (("empty", b""), ("cut short", whole[:200]), ("half", whole[:len(whole) // 2])):
+        with open(paths[1], "wb") as f:
+            f.write(cut)
+        with pytest.raises(cli.UserError) as e:
+            metrics.reference_statistics(fake, paths, 32, str(tmp_path / "cache"))
+        msg = str(e.value)
+        assert msg.startswith(f"{paths[1]} cannot be read as an image"), (name, msg)
+        assert "never skipped" in msg and "unzip val2014.zip again" in msg and metrics.DOWNLOADS["coco"] in msg
+    assert not (tmp_path / "cache").exists()  # no statistics of a smaller reference set
+    # a sample image: drawn again when deleted
+    with pytest.raises(cli.UserError, match="cannot be read as an image .*delete it and run the same command again"):
+        metrics.read_images(paths, 32)
+
+
+def test_a_clip_folder_that_is_not_clip_or_cut_short_is_one_line(eval_models, tmp_path):
+    _, clip_dir = eval_models
+    cut = tmp_path / "clip-cut"
+    shutil.copytree(clip_dir, cut)
+    weights = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    t5_dir = os.path.join(text_encoders.ENCODERS_DIR, "t5-wordnet-tiny")
+    no_config = tmp_path / "empty"
+    no_config.mkdir()
+    expect = {str(cut): "is not a whole CLIP model (SafetensorError",
+              t5_dir: "holds a 't5' model, not CLIP",
+              str(no_config): "is not a CLIP model folder (no config.json)"}
+    for folder, what in expect.items():
+        msg = _exit(evaluate.main, ["--coco", str(tmp_path / "coco"), "--clip", folder])  # CLIP is read first
+        assert msg.startswith(f"error: {folder} {what}"), msg
+        assert msg.endswith(f"on a machine with network:\n  {metrics.DOWNLOADS['clip']}"), msg
+    msg = _exit(evaluate.main, ["--coco", str(tmp_path / "coco"), "--clip", str(tmp_path / "nowhere")])
+    assert "nowhere is missing: the CLIP model is read from local files" in msg and "Get it once" in msg
+    assert "the Inception-v3 weights are read" in str(metrics.missing("inception", "x"))
+
+
+def test_compare_refuses_records_without_results(tmp_path):
+    good = {"rows": [{"guidance": 1.5, "fid": 30.0, "num": 8, "clip_score": 21.0}], "side": 64}
+    bad = {"empty": {"rows": []}, "not a row": {"rows": [1]}, "no fid": {"rows": [{"guidance": 1, "num": 8}]},
+           "rows not a list": {"rows": {"guidance": 1}}, "not a record": [1, 2]}
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    for name, record in bad.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.json"
+        path.write_text(json.dumps(record))
+        msg = _exit(evaluate.main, ["--compare", str(tmp_path / "good.json"), str(path)])
+        assert msg.startswith(f"error: {path} is not an evaluate.py metrics.json"), (name, msg)
+        assert "\n" not in msg
+    assert os.path.exists(evaluate.main(["--compare", str(tmp_path / "good.json"), "--out", str(tmp_path / "cmp")]))
+
+
+def test_another_evaluation_into_the_same_out_keeps_the_first(tmp_path, capsys):
+    out = tmp_path / "eval"
+    out.mkdir()
+    first = {"clip": "ckpt/clip", "rows": [{"guidance": 1.0, "fid": 10.0, "clip_score": 20.0, "sample_s": 3.0}]}
+    for name, text in (("metrics.json", json.dumps(first)), ("report.md", "# first"), ("pareto.png", "png")):
+        (out / name).write_text(text)
+    # the same evaluation again (a resumed run; only the sampling time differs): nothing to keep
+    assert evaluate.keep_previous(str(out), {**first, "rows": [{**first["rows"][0], "sample_s": 9.0}]}) == []
+    second = {"clip": None, "rows": [{"guidance": 2.0, "fid": 12.0, "clip_score": None, "sample_s": 3.0}]}
+    assert evaluate.keep_previous(str(out), second) == ["metrics.1.json", "report.1.md", "pareto.1.png"]
+    assert json.loads((out / "metrics.1.json").read_text()) == first and (out / "report.1.md").read_text() == "# first"
+    assert not (out / "pareto.png").exists()  # no plot beside results it does not show
+    (out / "metrics.json").write_text(json.dumps(second))
+    (out / "report.md").write_text("# second")
+    assert evaluate.keep_previous(str(out), first) == ["metrics.2.json", "report.2.md"]
+    assert (out / "report.2.md").read_text() == "# second" and (out / "pareto.1.png").read_text() == "png"
+
+
+@CASCADE
+def test_evaluate_twice_into_one_out_and_a_damaged_coco_image(eval_models, tiny_cascade, tmp_path, monkeypatch,
+                                                              capsys):
+    inception_path, clip_dir = eval_models
+    coco = tmp_path / "coco"
+    _folder(coco / "val2014", [np.asarray(shapes.make_example(4, i, 40)[0]) for i in range(6)])
+    for p in (coco / "val2014").glob("*.png"):  # COCO ships JPEGs
+        Image.open(p).save(p.with_suffix(".jpg"), quality=95)
+        p.unlink()
+    (coco / "annotations").mkdir()
+    anns = [{"id": i, "image_id": i, "caption": shapes.make_example(5, i)[1]} for i in range(10)]
+    (coco / "annotations" / "captions_val2014.json").write_text(json.dumps({"annotations": anns}))
+    # what files a run leaves is tested here, not its numbers: random samples of the base's side,
+    # random features, no Frechet distance (each of these takes seconds)
+    monkeypatch.setattr(imagen, "generate", lambda *a, **k: np.random.default_rng(k["first_batch"]).integers(
+        0, 256, (len(a[3]), 16, 16, 3), np.uint8))
+    monkeypatch.setattr(metrics, "load_inception", lambda *a: types.SimpleNamespace(sha256="0" * 64))
+    monkeypatch.setattr(metrics, "inception_features", lambda ext, images, **k: torch.randn(len(images), 8))
+    monkeypatch.setattr(metrics, "fid", lambda a, b: float(np.abs(a["mu"] - b["mu"]).sum()))
+    out = tmp_path / "eval"
+    argv = ["--workdir", tiny_cascade, "--coco", str(coco), "--protocol", "fig-a13", "--num", "4", "--batch-size", "4",
+            "--inception", inception_path, "--stats-cache", str(tmp_path / "stats"), "--out", str(out)]
+    evaluate.main(argv + ["--guidance", "1", "--clip", clip_dir])
+    assert (out / "pareto.png").exists()
+    capsys.readouterr()
+    evaluate.main(argv + ["--guidance", "2"])
+    assert f"{out} held another evaluation's results: kept as metrics.1.json, report.1.md, pareto.1.png" in \
+        capsys.readouterr().out
+    assert not (out / "pareto.png").exists() and (out / "pareto.1.png").exists()
+    assert json.loads((out / "metrics.1.json").read_text())["rows"][0]["guidance"] == 1
+    assert json.loads((out / "metrics.json").read_text())["rows"][0]["guidance"] == 2
+    # a COCO image cut short: named, before anything is sampled, and never skipped
+    (coco / "val2014" / "003.jpg").write_bytes((coco / "val2014" / "003.jpg").read_bytes()[:150])
+    monkeypatch.setattr(imagen, "generate", lambda *a, **k: pytest.fail("sampled before the reference set"))
+    msg = _exit(evaluate.main, argv[:-4] + ["--stats-cache", str(tmp_path / "stats2"), "--out", str(tmp_path / "e2")])
+    assert msg.startswith(f"error: {coco / 'val2014' / '003.jpg'} cannot be read as an image (OSError"), msg
+    assert "never skipped" in msg and "unzip val2014.zip again" in msg
+
+
+# =============================================================================================
+# dry_run.py
+# =============================================================================================
+
+def test_dry_run_refuses_a_batch_the_devices_do_not_split():
+    msg = _exit(dry_run.main, ["--preset", "demo", "--stage", "base", "--batch-size", "6"])  # 8 devices here
+    assert msg == "error: --batch-size 6 must divide by --grad-accum x devices = 1 x 8"
+    with pytest.raises(cli.UserError, match="--batch-size 16 must divide by --grad-accum x devices = 3 x 8"):
+        dry_run.dry_run(TINY_STAGES["base"], dataclasses.replace(TINY_TRAIN, batch_size=16), 3, 0)
+
+
+# =============================================================================================
+# pretrain_t5.py
+# =============================================================================================
+
+def _tiny_pretraining(tmp_path):
+    """A corpus of 600 made-up glosses, an encoder of one layer, 2 steps of 8 chunks: seconds."""
+    import pretrain_t5
+    _wordnet_file(tmp_path / "data.noun", _toy_glosses(600))
+    size = T5.T5Config(vocab_size=256, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    return pretrain_t5, size, pretrain_t5.PretrainConfig(steps=2, batch_size=8, raw_length=16, warmup_steps=400,
+                                                         vocab_pieces=96, heldout_batches=1, decoder_layers=1)
+
+
+def test_pretraining_extends_names_what_differs_and_keeps_other_encoders(tmp_path):
+    pretrain_t5, size, cfg = _tiny_pretraining(tmp_path)
+    out, work = str(tmp_path / "out"), str(tmp_path / "work")
+    run = lambda c, o=out, w=work: pretrain_t5.pretrain(size, o, w, c, str(tmp_path), {"data.noun": 600},
+                                                        eval_every=100, save_every=100, progress=False)
+    run(cfg)
+    # a workdir of an older version (no lr recorded) resumes; more steps extend the run and its export
+    meta = json.load(open(os.path.join(work, "pretrain.json")))
+    del meta["config"]["lr"]
+    json.dump(meta, open(os.path.join(work, "pretrain.json"), "w"))
+    longer = run(dataclasses.replace(cfg, steps=4))
+    assert [s for s, _ in longer["train"]] == [2, 4]
+    with safe_open(os.path.join(out, "model.safetensors"), "np") as f:
+        assert f.metadata()["pretrain_steps"] == "4" and json.loads(f.metadata()["pretrain"])["config"]["steps"] == 4
+    # other settings: only the fields that differ are named
+    with pytest.raises(cli.UserError) as e:
+        run(dataclasses.replace(cfg, steps=4, warmup_steps=100, lr=0.01))
+    assert str(e.value).startswith(f"{work} holds a pretraining run with other settings (lr None there, 0.01 now; "
+                                   "warmup_steps 400 there, 100 now): use another --workdir")
+    # another run into the same --out: refused before anything is written, unless it extends it
+    for other, what in ((dataclasses.replace(cfg, seed=1, steps=9), "seed 0 there, 1 now"),
+                        (dataclasses.replace(cfg, steps=3), "steps 4 there, 3 now")):
+        with pytest.raises(cli.UserError, match=rf"{out} holds an encoder pretrained otherwise \({what}\), which this "
+                                                r"run would replace: pass --out elsewhere"):
+            run(other, w=str(tmp_path / "w2"))
+        assert not (tmp_path / "w2").exists()
+    # the committed encoders (exported before their settings were recorded): their config.json and seed
+    base = os.path.join(text_encoders.ENCODERS_DIR, "t5-wordnet-base")
+    meta = {"size": dataclasses.asdict(pretrain_t5.SIZES["base"]),
+            "config": dataclasses.asdict(pretrain_t5.PretrainConfig()), "texts": 117000}
+    with pytest.raises(cli.UserError, match=r"t5-wordnet-base holds an encoder pretrained otherwise \(steps 3000 there, "
+                                            r"10 now\)"):
+        pretrain_t5.check_out(base, meta, 10)
+    pretrain_t5.check_out(base, meta, 3000)  # the same command again: allowed
+    with pytest.raises(cli.UserError, match="size.d_model 256 there, 128 now"):
+        pretrain_t5.check_out(base, {**meta, "size": dataclasses.asdict(pretrain_t5.SIZES["small"])}, 3000)
+
+
+def test_pretraining_nan_names_the_lr_flag(tmp_path, monkeypatch, capsys):
+    pretrain_t5, size, cfg = _tiny_pretraining(tmp_path)
+    monkeypatch.setattr(pretrain_t5, "make_train_step", lambda g, tx: lambda state, batch: (state, jnp.float32(np.nan)))
+    monkeypatch.setattr(pretrain_t5, "_eval_loss", lambda m, b: 1.0)
+    with pytest.raises(cli.UserError, match=r"loss is nan at step 2: run again with a lower --lr \(this run's: 0.05\) "
+                                            "and another --workdir"):
+        pretrain_t5.pretrain(size, str(tmp_path / "o"), str(tmp_path / "w"), cfg, str(tmp_path), {"data.noun": 600},
+                             progress=False)
+    # --lr sets the rate T5's schedule starts at (1 / sqrt(warmup_steps) = 0.05 here): a 5x smaller update
+    params, grads = {"w": jnp.arange(1.0, 5.0).reshape(2, 2)}, {"w": jnp.full((2, 2), 0.1)}
+
+    def update(lr):
+        tx = pretrain_t5.make_optimizer(dataclasses.replace(cfg, lr=lr))
+        return np.asarray(tx.update(grads, tx.init(params), params)[0]["w"])
+    np.testing.assert_allclose(update(0.01), 0.2 * update(None), rtol=1e-5)
+    assert np.abs(update(None)).min() > 0
+    with pytest.raises(SystemExit) as e:
+        pretrain_t5.main(["--lr", "0"])
+    assert e.value.code == 2 and "argument --lr: 0.0 is not a positive number" in capsys.readouterr().err

@@ -37,6 +37,52 @@ def _host_range(n, h, P):
     return n * h // P, n * (h + 1) // P
 
 
+def _damaged(out_dir, name, why, h=None):
+    """A cache file cut short or overwritten -> the fault that names it and what rebuilds it: a
+    host's share is encoded afresh once its done_HHH.json is gone (build_text_cache)."""
+    whole = f"{out_dir} to build the cache again"
+    fix = whole if h is None else f"{os.path.join(out_dir, f'done_{h:03d}.json')} to encode that share again, or " + whole
+    return cli.UserError(f"{os.path.join(out_dir, name)} is damaged ({why}): delete {fix}; then run the same "
+                         "command again")
+
+
+def _read_json(out_dir, name, h=None):
+    """meta.json, or host h's done_HHH.json -> its dict; None where it is not written yet."""
+    try:
+        with open(os.path.join(out_dir, name)) as f:
+            d = json.load(f)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise _damaged(out_dir, name, e, h) from None
+    keys = ("n", "hosts", "max_length", "dim") if h is None else ("done",)
+    if not isinstance(d, dict) or not all(isinstance(d.get(k), int) for k in keys):
+        raise _damaged(out_dir, name, f"no {', '.join(keys)}", h)
+    return d
+
+
+def _open_shard(out_dir, h, n_h, D, done, built):
+    """Host h's rows (a memmap) and committed token count, the files' sizes checked against
+    what done_HHH.json and meta.json say, so that a file cut short is named here, not met as a
+    wrong shape steps later. built: emb_HHH.bin holds exactly the committed tokens (while
+    building it may hold more: what an interrupted chunk wrote, dropped on resume)."""
+    if not 0 <= done <= n_h:
+        raise _damaged(out_dir, f"done_{h:03d}.json", f"{done} of {n_h} examples done", h)
+    try:
+        rows = np.load(os.path.join(out_dir, f"rows_{h:03d}.npy"), mmap_mode="r")
+    except (FileNotFoundError, ValueError, EOFError) as e:  # a cut .npy: "mmap length is greater than file size"
+        raise _damaged(out_dir, f"rows_{h:03d}.npy", e, h) from None
+    if rows.shape != (n_h, 2) or rows.dtype != np.int64:
+        raise _damaged(out_dir, f"rows_{h:03d}.npy", f"{rows.dtype} {rows.shape}, not int64 {(n_h, 2)}", h)
+    tokens = int(rows[done - 1].sum()) if done else 0
+    emb_path = os.path.join(out_dir, f"emb_{h:03d}.bin")
+    size = os.path.getsize(emb_path) if os.path.exists(emb_path) else 0
+    want = tokens * D * np.dtype(np.float16).itemsize
+    if size < want or (built and size != want):
+        raise _damaged(out_dir, f"emb_{h:03d}.bin", f"{size} bytes, the rows say {want}", h)
+    return rows, tokens
+
+
 def build_text_cache(encoder, tokenizer, source, out_dir, *, encoder_name, max_length=t5_encoder.MAX_LENGTH,
                      process_index=0, process_count=1, chunk=64, progress=True):
     """Encode this host's share of the source's captions into out_dir (see above); resumable:
@@ -51,8 +97,8 @@ def build_text_cache(encoder, tokenizer, source, out_dir, *, encoder_name, max_l
             "source": source.fingerprint()}
     os.makedirs(out_dir, exist_ok=True)
     meta_path = os.path.join(out_dir, "meta.json")
-    if os.path.exists(meta_path):
-        old = json.load(open(meta_path))
+    old = _read_json(out_dir, "meta.json")
+    if old is not None:
         diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
         if set(diff) <= {"hosts"} and TextCache.complete(out_dir):  # finished, by any number of hosts
             return out_dir
@@ -66,11 +112,11 @@ def build_text_cache(encoder, tokenizer, source, out_dir, *, encoder_name, max_l
     lo, hi = _host_range(n, h, P)
     paths = [os.path.join(out_dir, f"{name}_{h:03d}.{ext}") for name, ext in (("emb", "bin"), ("rows", "npy"), ("done", "json"))]
     emb_path, rows_path, done_path = paths
-    done = json.load(open(done_path))["done"] if os.path.exists(done_path) else 0
+    done = (_read_json(out_dir, os.path.basename(done_path), h) or {"done": 0})["done"]
+    D, itemsize = encoder.cfg.d_model, np.dtype(np.float16).itemsize
+    tokens = _open_shard(out_dir, h, hi - lo, D, done, built=False)[1] if done else 0
     rows = (np.lib.format.open_memmap(rows_path, "r+") if done else
             np.lib.format.open_memmap(rows_path, "w+", np.int64, (hi - lo, 2)))
-    tokens = int(rows[done - 1].sum()) if done else 0
-    D, itemsize = encoder.cfg.d_model, np.dtype(np.float16).itemsize
     with open(emb_path, "r+b" if done else "wb") as f:
         f.truncate(tokens * D * itemsize)  # drop what an interrupted chunk wrote after the last commit
         f.seek(0, os.SEEK_END)
@@ -101,26 +147,26 @@ class TextCache:
         if not self.complete(out_dir):
             raise cli.UserError(f"{out_dir} is not a complete text cache: run the same training command (or "
                              f"text_cache.build_text_cache) on every host to finish it.")
-        self.meta = json.load(open(os.path.join(out_dir, "meta.json")))
+        self.meta = _read_json(out_dir, "meta.json")
         diff = {k: (self.meta.get(k), v) for k, v in (expect or {}).items() if self.meta.get(k) != v}
         if diff:
             raise cli.UserError(f"{out_dir} holds a text cache made with other settings (then, now): {diff}. "
                              f"Use another --text-cache directory, or delete it.")
         n, P, D = self.meta["n"], self.meta["hosts"], self.meta["dim"]
         self.bounds = np.array([_host_range(n, h, P)[0] for h in range(P + 1)])
-        self.rows = [np.load(os.path.join(out_dir, f"rows_{h:03d}.npy"), mmap_mode="r") for h in range(P)]
+        sizes = np.diff(self.bounds).tolist()
+        self.rows = [_open_shard(out_dir, h, sizes[h], D, sizes[h], built=True)[0] for h in range(P)]
         self.emb = [np.memmap(os.path.join(out_dir, f"emb_{h:03d}.bin"), np.float16, "r").reshape(-1, D)
                     if os.path.getsize(os.path.join(out_dir, f"emb_{h:03d}.bin")) else np.zeros((0, D), np.float16)
                     for h in range(P)]
 
     @staticmethod
     def complete(out_dir):
-        try:
-            meta = json.load(open(os.path.join(out_dir, "meta.json")))
-            return all(json.load(open(os.path.join(out_dir, f"done_{h:03d}.json")))["done"] ==
-                       np.subtract(*_host_range(meta["n"], h, meta["hosts"])[::-1]) for h in range(meta["hosts"]))
-        except (OSError, ValueError, KeyError):
-            return False
+        """Whether every host's share is committed; a damaged meta.json or done file is a fault."""
+        meta = _read_json(out_dir, "meta.json")
+        return meta is not None and all(
+            (_read_json(out_dir, f"done_{h:03d}.json", h) or {"done": -1})["done"] ==
+            np.subtract(*_host_range(meta["n"], h, meta["hosts"])[::-1]) for h in range(meta["hosts"]))
 
     def __len__(self):
         return self.meta["n"]

@@ -83,6 +83,16 @@ def resolve(name: str) -> str:
     return name
 
 
+def same_encoder(a: str, b: str) -> bool:
+    """Whether two names load the same encoder: equal once each directory is resolved to its
+    real path ("encoders/X", "X" and "./encoders/X/" are one), with the same random: or whitened:."""
+    def key(name):
+        prefix = name[:len(name) - len(name.removeprefix(WHITENED_PREFIX).removeprefix(RANDOM_PREFIX))]
+        path = resolve(name)
+        return prefix, os.path.realpath(path) if os.path.isdir(path) else path.rstrip("/")
+    return key(a) == key(b)
+
+
 def load_text_encoder(name: str, dtype=jnp.float32, whitening_texts=None):
     """The text encoder a stage config names -> (encoder, tokenizer): t5_encoder.load_t5 of
     resolve(name); "random:NAME": NAME's config and tokenizer at T5's initialisation

