@@ -71,9 +71,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # paper: not specified; global-norm clipping at 1 (NeMo)
     ema_decay: float = 0.9999  # paper: not specified; NeMo's EMA decay
     p_uncond: float = 0.1  # §4.1: text embeddings zeroed 10% of the time
-    # §2.4: "During training, aug_level is chosen randomly", aug_level ∈ [0, 1]; Fig. A.32's
-    # train_step: aug_level = uniform(0.0, 1.0), so aug_level ~ U(0, max_aug_level), 1
-    # (super-resolution only; drawn per example, see diffusion.diffusion_loss)
+    # §2.4: aug_level "chosen randomly" in [0, 1]; Fig. A.32's train_step: uniform(0.0, 1.0), so
+    # aug_level ~ U(0, max_aug_level), 1 (super-resolution only; per example: diffusion_loss)
     max_aug_level: float = 1.0
 
 
@@ -96,10 +95,9 @@ WATCH_EVERY = {"paper": {"eval_every": 5000, "sample_every": 20000}, "demo": {"e
 
 
 def make_optimizer(tcfg: TrainConfig):
-    """§4.1 / App. F: Adafactor (optax defaults) for the base model, Adam for the SR models,
-    after global-norm clipping; warm-up from init_value=0.0 (F.1, F.2) then cosine decay. F.1
-    and F.2 set weight_decay=0: optax.adam has none, optax.adafactor's weight_decay_rate is
-    None by default."""
+    """§4.1 / App. F: Adafactor (optax defaults) for the base model, Adam for the SR models, after
+    global-norm clipping; warm-up from init_value=0.0, then cosine decay. F.1, F.2's weight_decay=0:
+    optax.adam has none, optax.adafactor's weight_decay_rate is None by default."""
     lr = optax.warmup_cosine_decay_schedule(0.0, tcfg.lr, tcfg.warmup_steps,
                                             max(tcfg.decay_steps, tcfg.warmup_steps + 1), tcfg.end_lr)
     opt = (optax.adafactor(lr) if tcfg.optimizer == "adafactor" else
@@ -279,8 +277,7 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
     mesh = mesh or sharding.make_mesh()
     if B % (grad_accum * mesh.size) or B % jax.process_count():
         raise cli.UserError(f"--batch-size {B} must divide by --grad-accum x devices = {grad_accum} x {mesh.size}")
-    # set-up: the folders, the data, the held-out data, the text encoder (a fault in any of them
-    # leaves no workdir behind)
+    # set-up: folders, data, held-out data, text encoder (a fault in any leaves no workdir behind)
     cli.check_folder(workdir, "--workdir")
     cli.check_folder(text_cache, "--text-cache")
     source = data.open_source(data_spec, seed, index_dir)
