@@ -1894,17 +1894,22 @@ def test_reference_images_are_resized_cropped_and_cached(eval_models, tmp_path, 
     np.testing.assert_allclose(redone["sigma"], ref["sigma"], rtol=1e-6)
 
 
-@CASCADE
-def test_evaluate_a_cascade_resumes_and_names_missing_files(eval_models, tiny_cascade, tmp_path, monkeypatch):
-    inception_path, clip_dir = eval_models
-    coco = tmp_path / "coco"
-    _folder(coco / "val2014", [np.asarray(shapes.make_example(4, i, 40)[0]) for i in range(10)])
+def _coco(coco, num_images, num_captions):
+    """A COCO-shaped folder: val2014/*.jpg (shapes images) and annotations/captions_val2014.json."""
+    _folder(coco / "val2014", [np.asarray(shapes.make_example(4, i, 40)[0]) for i in range(num_images)])
     for p in (coco / "val2014").glob("*.png"):  # COCO ships JPEGs
         Image.open(p).save(p.with_suffix(".jpg"), quality=95)
         p.unlink()
     (coco / "annotations").mkdir()
-    anns = [{"id": i, "image_id": i, "caption": shapes.make_example(5, i)[1]} for i in range(20)]
+    anns = [{"id": i, "image_id": i, "caption": shapes.make_example(5, i)[1]} for i in range(num_captions)]
     (coco / "annotations" / "captions_val2014.json").write_text(json.dumps({"annotations": anns}))
+    return coco, anns
+
+
+@CASCADE
+def test_evaluate_a_cascade_resumes_and_names_missing_files(eval_models, tiny_cascade, tmp_path, monkeypatch):
+    inception_path, clip_dir = eval_models
+    coco, anns = _coco(tmp_path / "coco", 10, 20)
     few_steps = {k: dataclasses.replace(v, steps=3) for k, v in imagen.SAMPLING["coco-fid"].items()}
     monkeypatch.setitem(imagen.SAMPLING, "coco-fid", few_steps)  # Table 1's settings, 3 steps per stage
     monkeypatch.setattr(metrics, "INCEPTION_SHA256", hashlib.sha256(open(inception_path, "rb").read()).hexdigest())
@@ -2570,14 +2575,7 @@ def test_another_evaluation_into_the_same_out_keeps_the_first(tmp_path, capsys):
 def test_evaluate_twice_into_one_out_and_a_damaged_coco_image(eval_models, tiny_cascade, tmp_path, monkeypatch,
                                                               capsys):
     inception_path, clip_dir = eval_models
-    coco = tmp_path / "coco"
-    _folder(coco / "val2014", [np.asarray(shapes.make_example(4, i, 40)[0]) for i in range(6)])
-    for p in (coco / "val2014").glob("*.png"):  # COCO ships JPEGs
-        Image.open(p).save(p.with_suffix(".jpg"), quality=95)
-        p.unlink()
-    (coco / "annotations").mkdir()
-    anns = [{"id": i, "image_id": i, "caption": shapes.make_example(5, i)[1]} for i in range(10)]
-    (coco / "annotations" / "captions_val2014.json").write_text(json.dumps({"annotations": anns}))
+    coco, _ = _coco(tmp_path / "coco", 6, 10)
     # what files a run leaves is tested here, not its numbers: random samples of the base's side,
     # random features, no Frechet distance (each of these takes seconds)
     monkeypatch.setattr(imagen, "generate", lambda *a, **k: np.random.default_rng(k["first_batch"]).integers(

@@ -11,10 +11,10 @@ by one rule (sharding.py), ZeRO-3 / FSDP style, and is replicated over 'data'. X
 partitioner inserts the all-gathers of the weights and the reduce-scatters of the gradients
 (fsdp = 1: plain data parallelism and its all-reduce). The frozen T5 encoder runs inside the
 step on the batch's token ids, its weights sharded by the same rule, unless the embeddings come
-from the offline cache (§2.1, --text-cache). A global batch larger than the devices
-hold is accumulated over micro-batches inside the step. Every example draws its own noise from
-fold_in(fold_in(seed, step), row), so the losses do not depend on the number of devices,
-hosts or micro-batches, and a resumed run repeats an uninterrupted one.
+from the offline cache (§2.1, --text-cache). A global batch larger than the devices hold is
+accumulated over micro-batches inside the step. Every example draws its own noise from
+fold_in(fold_in(seed, step), row): the losses do not depend on the number of devices, hosts or
+micro-batches, and a resumed run repeats an uninterrupted one.
 
   python train.py --stage base --workdir runs/demo/base          # one demo stage (demo.py: all)
   python train.py --preset paper --stage base --data /laion --text-encoder ckpt/t5-v1_1-xxl
@@ -95,9 +95,8 @@ WATCH_EVERY = {"paper": {"eval_every": 5000, "sample_every": 20000}, "demo": {"e
 
 
 def make_optimizer(tcfg: TrainConfig):
-    """§4.1 / App. F: Adafactor (optax defaults) for the base model, Adam for the SR models, after
-    global-norm clipping; warm-up from init_value=0.0, then cosine decay. F.1, F.2's weight_decay=0:
-    optax.adam has none, optax.adafactor's weight_decay_rate is None by default."""
+    """§4.1 / App. F: Adafactor (optax defaults) for the base, Adam for the SR models, after clipping;
+    warm-up from 0.0, cosine decay. F.1, F.2's weight_decay=0: optax.adam has none, adafactor's is None."""
     lr = optax.warmup_cosine_decay_schedule(0.0, tcfg.lr, tcfg.warmup_steps,
                                             max(tcfg.decay_steps, tcfg.warmup_steps + 1), tcfg.end_lr)
     opt = (optax.adafactor(lr) if tcfg.optimizer == "adafactor" else
@@ -301,8 +300,7 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
         local_B = B // jax.process_count()
         stream = data.host_stream(source, stage, local_B, position, seed, jax.process_index(), jax.process_count(),
                                   data_workers)
-        # watching it: the held-out set, the samples, TensorBoard
-        if watch:
+        if watch:  # watching it: the held-out set, the samples, TensorBoard
             heldout = monitor.load_heldout(workdir, stage, data_spec, heldout_source)
             if heldout is None:
                 print(f"no held-out loss or samples: {data_spec} has no held-out split (give --heldout-data)")
