@@ -29,9 +29,7 @@ def dry_run(stage, tcfg, grad_accum, seed, mesh=None, mfu=0.5, text_cache=True):
     inside it) on abstract shapes; print and return its costs."""
     mesh = mesh or sharding.make_mesh()
     n = mesh.size
-    B = tcfg.batch_size
-    if B % (grad_accum * n) or B % jax.process_count():  # train.train's check, before anything compiles
-        raise cli.UserError(f"--batch-size {B} must divide by --grad-accum x devices = {grad_accum} x {n}")
+    sharding.check_batch(tcfg.batch_size, grad_accum, n)  # train.train's check, before anything compiles
     _, state = train.abstract_state(stage, tcfg)
     t = time.time()
     args = [state, train.batch_shapes(stage, tcfg.batch_size, stage.text_length, tokens=not text_cache)]

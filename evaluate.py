@@ -334,8 +334,7 @@ def run(a):
         raise cli.UserError(f"--sweep-stage {sweep_stage}: the cascade evaluated has {len(stages)} stage(s)")
     prompts, caption_ids = coco_captions(a.coco, num, a.seed)
     ref = metrics.reference_statistics(extractor, coco_images(a.coco), side,
-                                       a.stats_cache or os.path.join(os.path.dirname(a.inception) or ".", "fid_stats"),
-                                       fix=metrics.REREAD["coco"])
+                                       a.stats_cache or os.path.join(os.path.dirname(a.inception) or ".", "fid_stats"))
     named = imagen.SAMPLING[SAMPLING]
     base = [named.get(s.config.name, imagen.default_sampling(s.config)) for s in stages]
     what = proto.figure + (f"; changed: {json.dumps(changed)}" if changed else "")

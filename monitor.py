@@ -86,14 +86,12 @@ def open_heldout_data(workdir, heldout_spec, index_dir=None):
     return None
 
 
-def heldout_examples(data_spec, heldout_spec=None, n=HELDOUT_SIZE, side=128):
-    """[(PIL image, caption)] never trained on: the first n readable examples of heldout_spec (a
-    dataset like --data: a folder, .tar shards; or its open_heldout_data source), else for the
-    shapes dataset its held-out captions (shapes.is_heldout); None for another dataset without
-    a held-out one."""
-    if heldout_spec:
-        source = heldout_spec if hasattr(heldout_spec, "load") else data.open_source(heldout_spec, flag="--heldout-data")
-        pairs = (source.load(i) for i in range(len(source)))
+def heldout_examples(data_spec, heldout_source=None, n=HELDOUT_SIZE, side=128):
+    """[(PIL image, caption)] never trained on: the first n readable examples of heldout_source
+    (open_heldout_data's), else for the shapes dataset its held-out captions (shapes.is_heldout);
+    None for another dataset without a held-out one."""
+    if heldout_source is not None:
+        pairs = (heldout_source.load(i) for i in range(len(heldout_source)))
         return list(itertools.islice(((img, cap) for img, cap in pairs if img is not None), n))
     if data_spec == "shapes":
         return [shapes.make_example(HELDOUT_SEED, i, side, split="heldout")[:2] for i in range(n)]
@@ -119,14 +117,14 @@ def heldout_set(stage, examples, encoder, tokenizer):
     return out
 
 
-def load_heldout(workdir, stage, data_spec, heldout_spec=None, n=HELDOUT_SIZE):
+def load_heldout(workdir, stage, data_spec, heldout_source=None, n=HELDOUT_SIZE):
     """WORKDIR/heldout.npz, made the first time (the text encoder loaded for it then only);
     None where the dataset has no held-out examples and none is given."""
     path = os.path.join(workdir, "heldout.npz")
     if os.path.exists(path):
         with np.load(path) as f:
             return dict(f)
-    examples = heldout_examples(data_spec, heldout_spec, n, stage.side)
+    examples = heldout_examples(data_spec, heldout_source, n, stage.side)
     if not examples:
         return None
     encoder, tokenizer = text_encoders.load_text_encoder(stage.text_encoder)

@@ -34,6 +34,13 @@ def make_mesh(data=-1, fsdp=1, devices=None):
                          devices=jax.devices()[:n])
 
 
+def check_batch(batch_size: int, grad_accum: int, devices: int):
+    """A global batch must split evenly into micro-batches over the devices, and over the hosts."""
+    if batch_size % (grad_accum * devices) or batch_size % jax.process_count():
+        raise cli.UserError(f"--batch-size {batch_size} must divide by --grad-accum x devices = "
+                            f"{grad_accum} x {devices}")
+
+
 def parse_mesh(spec: str) -> dict:
     """"data=2,fsdp=4" -> {"data": 2, "fsdp": 4} (make_mesh's arguments; an argparse type)."""
     try:

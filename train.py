@@ -274,8 +274,7 @@ def train(stage, tcfg, workdir, *, data_spec="shapes", text_encoder=None, text_c
     stage = dataclasses.replace(stage, text_encoder=text_encoder or stage.text_encoder)
     B = tcfg.batch_size
     mesh = mesh or sharding.make_mesh()
-    if B % (grad_accum * mesh.size) or B % jax.process_count():
-        raise cli.UserError(f"--batch-size {B} must divide by --grad-accum x devices = {grad_accum} x {mesh.size}")
+    sharding.check_batch(B, grad_accum, mesh.size)
     # set-up: folders, data, held-out data, text encoder (a fault in any leaves no workdir behind)
     cli.check_folder(workdir, "--workdir")
     cli.check_folder(text_cache, "--text-cache")
